@@ -1,0 +1,83 @@
+"""The recurrent state that replaces a KV cache: one (B, nh, N, D) matrix per layer."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CheckpointError
+from .utils import atomic_savez
+
+_OFFSET_KEY = "offset"
+
+
+class BDHCache:
+    """Per-layer attention states ``S`` in float32, and how many tokens each row has seen.
+
+    Its size does not grow with the text: ``n_layer * B * nh * N * D`` floats.
+    MLX arrays are immutable, so ``copy()`` is cheap and branches never interfere.
+    """
+
+    def __init__(self, states: list, offset: mx.array):
+        self.states = states
+        self.offset = offset
+
+    @classmethod
+    def empty(cls, batch_size, n_layer, n_head, n_neurons, n_embd):
+        state = mx.zeros((batch_size, n_head, n_neurons, n_embd), dtype=mx.float32)
+        return cls([state] * n_layer, mx.zeros((batch_size,), dtype=mx.int32))
+
+    @property
+    def batch_size(self) -> int:
+        return self.offset.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.states) + self.offset.nbytes
+
+    @property
+    def state(self) -> list:
+        """Everything the cache holds, as arrays (for ``mx.eval``)."""
+        return [*self.states, self.offset]
+
+    def copy(self) -> "BDHCache":
+        """An independent cache at the same point (to branch a continuation)."""
+        return BDHCache(list(self.states), self.offset)
+
+    @classmethod
+    def stack(cls, caches: list) -> "BDHCache":
+        """Join caches of single rows (or batches) into one batch, row after row."""
+        n_layer = len(caches[0].states)
+        states = [mx.concatenate([c.states[i] for c in caches], axis=0) for i in range(n_layer)]
+        return cls(states, mx.concatenate([c.offset for c in caches], axis=0))
+
+    def save(self, path):
+        """Write the cache as one ``.npz`` (prompt caching), atomically."""
+        arrays = {f"state_{i}": np.array(s) for i, s in enumerate(self.states)}
+        arrays[_OFFSET_KEY] = np.array(self.offset)
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path, config=None) -> "BDHCache":
+        """Read a cache saved by ``save``; with ``config``, check that it fits that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such cache file")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable .npz cache ({e})") from None
+        n_layer = sum(k.startswith("state_") for k in arrays)
+        if _OFFSET_KEY not in arrays or n_layer == 0:
+            raise CheckpointError(f"{path}: not a bdh-mlx cache (no states or offset)")
+        cache = cls([mx.array(arrays[f"state_{i}"]) for i in range(n_layer)], mx.array(arrays[_OFFSET_KEY]))
+        if config is not None:
+            want = (config.n_head, config.n_neurons, config.n_embd)
+            got = tuple(cache.states[0].shape[1:])
+            if n_layer != config.n_layer or got != want:
+                raise CheckpointError(
+                    f"{path}: cache of {n_layer} layers of {got} does not fit the model "
+                    f"({config.n_layer} layers of {want})"
+                )
+        return cache

@@ -1,0 +1,98 @@
+"""Self-describing ``.npz`` checkpoints: the official weight names plus the config as JSON."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import BDHError, CheckpointError
+from .model import BDH, BDHConfig
+from .utils import atomic_savez
+
+CONFIG_KEY = "__bdh_config__"
+FORMAT_KEY = "__bdh_format__"
+FORMAT_VERSION = 1
+
+
+def weight_shapes(config: BDHConfig) -> dict:
+    """The official parameter names and their shapes for ``config``."""
+    D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
+    return {
+        "embed.weight": (V, D),
+        "encoder": (nh, D, N),
+        "encoder_v": (nh, D, N),
+        "decoder": (nh * N, D),
+        "lm_head": (D, V),
+    }
+
+
+def model_weights(model: BDH) -> dict:
+    """The model's parameters as float32 numpy arrays, under their official names."""
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+
+
+def save_weights(path, config: BDHConfig, weights: dict):
+    """Write numpy ``weights`` and ``config`` as one checkpoint, atomically."""
+    arrays = dict(weights)
+    arrays[CONFIG_KEY] = np.frombuffer(json.dumps(config.to_dict()).encode("utf-8"), dtype=np.uint8)
+    arrays[FORMAT_KEY] = np.array(FORMAT_VERSION, dtype=np.int32)
+    atomic_savez(path, arrays)
+
+
+def save(model: BDH, path):
+    """Save ``model`` as one ``.npz`` that ``load`` turns back into a ready model."""
+    save_weights(path, model.config, model_weights(model))
+
+
+def read_checkpoint(path, **config_overrides):
+    """Read and check a checkpoint: returns ``(config, weights)`` with numpy weights.
+
+    ``config_overrides`` replace stored config fields that do not change shapes
+    (e.g. ``dropout``, ``attention``, ``chunk_size``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(e).__name__}: {e})") from None
+    if CONFIG_KEY not in arrays:
+        raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
+    try:
+        stored = json.loads(arrays.pop(CONFIG_KEY).tobytes().decode("utf-8"))
+        config = BDHConfig.from_dict({**stored, **config_overrides})
+    except BDHError as e:
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    arrays.pop(FORMAT_KEY, None)
+
+    expected = weight_shapes(config)
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(unexpected)}" if unexpected else ""]
+        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(p for p in problems if p)}")
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(arrays[name].shape)}, but the config needs {shape}"
+            )
+        if not np.issubdtype(arrays[name].dtype, np.floating):
+            raise CheckpointError(f"{path}: {name} has dtype {arrays[name].dtype}, expected floating point")
+    return config, arrays
+
+
+def load(path, **config_overrides) -> BDH:
+    """Load a ready model from one ``.npz`` checkpoint (strict: every weight, right shapes)."""
+    config, weights = read_checkpoint(path, **config_overrides)
+    model = BDH(config)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model

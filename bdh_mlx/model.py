@@ -1,0 +1,234 @@
+"""The Baby Dragon Hatchling (BDH) language model, written to read like its equations.
+
+Spec: Kosowski et al., "The Dragon Hatchling" (arXiv:2509.26507) and the official
+PyTorch code. One set of weights is applied ``n_layer`` times; attention is linear
+(no softmax) with Q = K = RoPE(x), so it can also be carried as a fixed-size state.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import BDHCache
+from .errors import ConfigError
+
+ATTENTION_FORMS = ("auto", "parallel", "chunked")
+ROPE_THETA = 65536.0
+LN_EPS = 1e-5
+
+PRESETS = {
+    # Small configurations for tests and CPU demos.
+    "tiny": dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8),
+    "small": dict(n_layer=4, n_embd=128, n_head=4, mlp_internal_dim_multiplier=32),
+    # The configurations published with the official code.
+    "25m": dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=128),
+    "100m": dict(n_layer=6, n_embd=512, n_head=8, mlp_internal_dim_multiplier=128),
+}
+
+
+@dataclass
+class BDHConfig:
+    """Model configuration: the official fields and defaults, plus how attention is computed."""
+
+    n_layer: int = 6
+    n_embd: int = 256
+    n_head: int = 4
+    mlp_internal_dim_multiplier: int = 128
+    vocab_size: int = 256
+    dropout: float = 0.1
+    attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
+    chunk_size: int = 256
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.attention not in ATTENTION_FORMS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, got {self.attention!r}")
+        if self.n_neurons < 2 or self.n_neurons % 2:
+            raise ConfigError(
+                f"mlp_internal_dim_multiplier * n_embd // n_head must be even and positive for RoPE, "
+                f"got {self.n_neurons}"
+            )
+
+    @property
+    def n_neurons(self) -> int:
+        """N: neurons per head."""
+        return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters: encoder, encoder_v, decoder, embed and lm_head."""
+        return 3 * self.n_head * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "BDHConfig":
+        """Build a config from a dict, ignoring keys that are not config fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BDHConfig":
+        """A named preset (``tiny``, ``small``, ``25m``, ``100m``), with optional field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_norm(x):
+    """LayerNorm over the last axis with no weight and no bias."""
+    return mx.fast.layer_norm(x, None, None, LN_EPS)
+
+
+def rope_frequencies(n_neurons: int) -> mx.array:
+    """f[j] = 1 / theta^(2 floor(j/2) / N) / 2pi, in float32; neurons 2i and 2i+1 share one."""
+    j = np.arange(n_neurons, dtype=np.float32)
+    exponent = (np.floor(j / 2) * 2) / np.float32(n_neurons)
+    freqs = np.float32(1.0) / (np.float32(ROPE_THETA) ** exponent) / np.float32(2 * math.pi)
+    return mx.array(freqs.astype(np.float32))
+
+
+def rope_cos_sin(positions: mx.array, freqs: mx.array, dtype=mx.float32):
+    """cos and sin of the phases p = (t * f mod 1) * 2pi, shaped (..., T, N)."""
+    phases = (positions.astype(mx.float32)[..., None] * freqs) % 1.0 * (2 * math.pi)
+    return mx.cos(phases).astype(dtype), mx.sin(phases).astype(dtype)
+
+
+def rotate_pairs(z):
+    """rot(z)[2i] = -z[2i+1], rot(z)[2i+1] = z[2i]."""
+    pairs = z.reshape(*z.shape[:-1], -1, 2)
+    return mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(z.shape)
+
+
+def rope(z, cos, sin):
+    """R_t(z) = z * cos(p_t) + rot(z) * sin(p_t)."""
+    return z * cos + rotate_pairs(z) * sin
+
+
+# --- One attention, three forms -------------------------------------------------
+# qr: rotated queries = keys, (B, nh, T, N); v: values, (B, 1, T, D), shared by heads.
+# out_t = sum_{s < t} (qr_t . qr_s) v_s. No scaling, no softmax; the token itself is excluded.
+
+
+def parallel_attention(qr, v):
+    """tril(QR QR^T, -1) V: O(T^2 N) per head, best for short sequences."""
+    T = qr.shape[-2]
+    scores = (qr @ qr.swapaxes(-1, -2)) * mx.tri(T, T, k=-1, dtype=qr.dtype)
+    return scores @ v
+
+
+def recurrent_attention_step(qr, v, state):
+    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32."""
+    out = (qr.astype(state.dtype) @ state).astype(qr.dtype)
+    return out, state + (qr.swapaxes(-1, -2) @ v).astype(state.dtype)
+
+
+def chunked_attention(qr, v, state, chunk_size):
+    """Masked parallel inside each chunk, the carried state S (B, nh, N, D) across chunks.
+
+    O(T N D) time and O(N D) state instead of O(T^2 N). ``state`` may be None (empty).
+    Returns the output and the state after the last token.
+    """
+    T = qr.shape[-2]
+    outputs = []
+    for start in range(0, T, chunk_size):
+        q, val = qr[..., start : start + chunk_size, :], v[..., start : start + chunk_size, :]
+        out = parallel_attention(q, val)
+        if state is not None:
+            out = out + (q.astype(state.dtype) @ state).astype(out.dtype)
+        written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)
+        state = written if state is None else state + written
+        outputs.append(out)
+    return mx.concatenate(outputs, axis=-2), state
+
+
+class BDH(nn.Module):
+    """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
+
+    ``model(idx, targets=None, cache=None) -> (logits, loss)``.
+    """
+
+    def __init__(self, config: BDHConfig):
+        super().__init__()
+        self.config = config
+        D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
+        init = nn.init.normal(mean=0.0, std=0.02)
+        self.embed = nn.Embedding(V, D)
+        self.embed.weight = init(mx.zeros((V, D)))
+        self.encoder = init(mx.zeros((nh, D, N)))
+        self.encoder_v = init(mx.zeros((nh, D, N)))
+        self.decoder = init(mx.zeros((nh * N, D)))
+        self.lm_head = init(mx.zeros((D, V)))
+        self.drop = nn.Dropout(config.dropout)
+        self._freqs = rope_frequencies(N)  # a constant: the leading "_" keeps it out of parameters()
+        self.compute_dtype = mx.float32
+
+    def set_compute_dtype(self, dtype):
+        """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""
+        self.compute_dtype = dtype
+        return self
+
+    def make_cache(self, batch_size: int = 1) -> BDHCache:
+        """An empty recurrent state: one (B, nh, N, D) float32 matrix per layer."""
+        c = self.config
+        return BDHCache.empty(batch_size, c.n_layer, c.n_head, c.n_neurons, c.n_embd)
+
+    def _attention(self, qr, v, cache, layer):
+        if cache is not None:
+            form = recurrent_attention_step if qr.shape[-2] == 1 else self._chunked
+            out, cache.states[layer] = form(qr, v, cache.states[layer])
+            return out
+        form = self.config.attention
+        if form == "auto":
+            form = "parallel" if qr.shape[-2] <= 4 * self.config.chunk_size else "chunked"
+        if form == "parallel":
+            return parallel_attention(qr, v)
+        return self._chunked(qr, v, None)[0]
+
+    def _chunked(self, qr, v, state):
+        return chunked_attention(qr, v, state, self.config.chunk_size)
+
+    def __call__(self, idx, targets=None, cache: BDHCache | None = None, activations: list | None = None):
+        """Logits (B, T, V) and the mean cross-entropy against ``targets`` (or None).
+
+        With ``cache``, the tokens continue what the cache has seen, and advance it.
+        With ``activations`` (a list), each layer appends ``{"x": x, "y": y}`` (B, nh, T, N).
+        """
+        c = self.config
+        B, T = idx.shape
+        dtype = self.compute_dtype
+        encoder, encoder_v, decoder, lm_head = (
+            w.astype(dtype) for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
+        )
+        positions = mx.arange(T) if cache is None else cache.offset[:, None, None] + mx.arange(T)
+        cos, sin = rope_cos_sin(positions, self._freqs, dtype)  # (T, N) or (B, 1, T, N)
+
+        v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
+        for layer in range(c.n_layer):
+            x = nn.relu(v @ encoder)  # (B, nh, T, N)
+            a = layer_norm(self._attention(rope(x, cos, sin), v, cache, layer))  # (B, nh, T, D)
+            y = nn.relu(a @ encoder_v)  # (B, nh, T, N)
+            if activations is not None:
+                activations.append({"x": x, "y": y})
+            xy = self.drop(x * y)
+            xy = xy.transpose(0, 2, 1, 3).reshape(B, 1, T, c.n_head * c.n_neurons)  # heads side by side
+            u = layer_norm(xy @ decoder)  # (B, 1, T, D)
+            v = layer_norm(v + u)
+        logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
+
+        if cache is not None:
+            cache.offset = cache.offset + T
+        if targets is None:
+            return logits, None
+        return logits, nn.losses.cross_entropy(logits, targets, reduction="mean")

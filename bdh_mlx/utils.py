@@ -1,0 +1,36 @@
+"""Small helpers shared by the library and the commands."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash or Ctrl-C midway leaves the old file (if any) untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_savez(path, arrays):
+    """Write a dict of numpy arrays as one ``.npz`` file, atomically."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def atomic_write_text(path, text):
+    """Write a text file atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
