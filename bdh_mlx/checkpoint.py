@@ -77,8 +77,9 @@ def read_checkpoint(path, **config_overrides):
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
-        problems = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(unexpected)}" if unexpected else ""]
-        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(p for p in problems if p)}")
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(problems)}")
     for name, shape in expected.items():
         if tuple(arrays[name].shape) != shape:
             raise CheckpointError(
