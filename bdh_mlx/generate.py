@@ -1,0 +1,328 @@
+"""Generation with the recurrent state: ``generate_step`` -> ``stream_generate`` -> ``generate``.
+
+The prompt is prefilled through the cache in chunks (the chunked attention form, never one
+T x T matrix); then each new token costs the same whatever the length of the text, because
+the cache is a fixed-size state per layer. Tokens are raw bytes, decoded to UTF-8 incrementally.
+
+Command line: ``bdh-mlx generate --checkpoint CKPT.npz --prompt TEXT [options]``.
+"""
+
+import argparse
+import codecs
+import sys
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import BDHCache
+from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_command
+from .errors import BDHError
+from .model import BDH
+from .sample_utils import make_logits_processors, make_sampler
+
+DEFAULT_PREFILL_CHUNK = 512
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class GenerationResponse:
+    """One step of ``stream_generate``.
+
+    ``text`` is the new text this token completes (possibly empty: a multi-byte character
+    still incomplete, or text held back because it may begin a stop string).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop", "length" or None
+
+
+def encode_prompt(prompt, vocab_size: int = 256) -> list:
+    """A prompt as token ids: a ``str`` (UTF-8 bytes), ``bytes`` or a sequence of ints."""
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    tokens = [int(t) for t in prompt]
+    if not tokens:
+        raise BDHError("the prompt is empty; give at least one character")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise BDHError(f"prompt token {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return tokens
+
+
+def prefill(model: BDH, tokens: mx.array, cache: BDHCache, chunk_size: int = DEFAULT_PREFILL_CHUNK, progress=None):
+    """Feed ``tokens`` (B, T) through ``cache`` in pieces of ``chunk_size``; the last logits (B, V).
+
+    ``progress(n)`` is called after each piece of ``n`` tokens.
+    """
+    T = tokens.shape[1]
+    for start in range(0, T, chunk_size):
+        logits, _ = model(tokens[:, start : start + chunk_size], cache=cache)
+        mx.eval(cache.state)  # the logits of all but the last piece are never computed
+        if progress is not None:
+            progress(min(chunk_size, T - start))
+    return logits[:, -1]
+
+
+def _row(cache: BDHCache, i: int) -> BDHCache:
+    return BDHCache([s[i : i + 1] for s in cache.states], cache.offset[i : i + 1])
+
+
+def _prefill_rows(model, prompts, cache, chunk_size, progress):
+    """Prefill each prompt with its own batch-1 cache, then stack the rows into ``cache`` (in place)."""
+    if len(prompts) == 1:
+        return prefill(model, mx.array(prompts), cache, chunk_size, progress)
+    rows = [_row(cache, i) for i in range(len(prompts))]
+    logits = [prefill(model, mx.array([p]), row, chunk_size, progress) for p, row in zip(prompts, rows, strict=True)]
+    stacked = BDHCache.stack(rows)
+    cache.states, cache.offset = stacked.states, stacked.offset
+    return mx.concatenate(logits, axis=0)
+
+
+def _batch_steps(
+    model: BDH,
+    prompts: list,
+    *,
+    sampler: Callable | None = None,
+    logits_processors: list | None = None,
+    max_tokens: int = 256,
+    cache: BDHCache | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    seed: int | None = None,
+    prompt_progress_callback: Callable | None = None,
+) -> Generator:
+    """Yield ``(tokens (B,), logprobs (B, V))`` for a batch of token lists, decoded in lockstep."""
+    sampler = sampler or make_sampler(0.0)
+    logits_processors = logits_processors or []
+    if cache is None:
+        cache = model.make_cache(len(prompts))
+    if cache.batch_size != len(prompts):
+        raise BDHError(f"the cache holds {cache.batch_size} rows but {len(prompts)} prompts were given")
+    key = None if seed is None else mx.random.key(seed)
+    # What each row has seen, for the logits processors: left-padding with the row's first token
+    # changes nothing, because a token counts once however often it appears.
+    width = max(map(len, prompts))
+    history = mx.array([[p[0]] * (width - len(p)) + p for p in prompts], dtype=mx.int32)
+
+    def sample(logits, history, key):
+        for process in logits_processors:
+            logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if key is None:
+            return sampler(logprobs), logprobs, None
+        key, subkey = mx.random.split(key)
+        return sampler(logprobs, key=subkey), logprobs, key
+
+    training = model.training
+    model.eval()
+    try:
+        total, done = sum(map(len, prompts)), 0
+
+        def progress(n):
+            nonlocal done
+            done += n
+            if prompt_progress_callback is not None:
+                prompt_progress_callback(done, total)
+
+        logits = _prefill_rows(model, prompts, cache, prefill_chunk, progress)
+        y, logprobs, key = sample(logits, history, key)
+        mx.async_eval(y, logprobs)
+        for n in range(max_tokens):
+            current = y, logprobs
+            if n + 1 < max_tokens:  # queue the next token before handing out this one
+                if logits_processors:
+                    history = mx.concatenate([history, y[:, None].astype(mx.int32)], axis=1)
+                logits, _ = model(y[:, None], cache=cache)
+                y, logprobs, key = sample(logits[:, -1], history, key)
+                mx.async_eval(y, logprobs, *cache.state)
+            yield current
+    finally:
+        model.train(training)
+
+
+def generate_step(model: BDH, prompt_tokens, **kwargs) -> Generator:
+    """Yield ``(token, logprobs (V,))`` one at a time after ``prompt_tokens`` (a str, bytes or ints).
+
+    Keyword arguments: ``sampler`` (``sampler(logprobs, key=None)``; default greedy),
+    ``logits_processors``, ``max_tokens``, ``cache`` (advanced in place; it may already hold
+    a context, e.g. one loaded from disk), ``prefill_chunk``, ``seed`` (reproducible sampling
+    with explicit keys: the global ``mx.random`` state is left alone) and
+    ``prompt_progress_callback(processed, total)``.
+    """
+    tokens = encode_prompt(prompt_tokens, model.config.vocab_size)
+    for y, logprobs in _batch_steps(model, [tokens], **kwargs):
+        yield y.item(), logprobs[0]
+
+
+def _split_at_stop(text: str, stop: list, final: bool):
+    """``(text to emit, text to hold back, stopped)``: the text before the first stop string.
+
+    While not ``final``, the longest ending of ``text`` that could begin a stop string is held back.
+    """
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        return text[: min(hits)], "", True
+    held = 0 if final else max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held], text[len(text) - held :], False
+
+
+def stream_generate(model: BDH, prompt, max_tokens: int = 256, stop: Iterable[str] = (), **kwargs) -> Generator:
+    """Yield a ``GenerationResponse`` per generated token.
+
+    Bytes are decoded incrementally: an incomplete multi-byte character waits for its next
+    bytes, invalid bytes become U+FFFD. Generation ends after ``max_tokens`` or at the first
+    stop string: the text up to the stop string is emitted, the stop string itself is not.
+    Other keyword arguments go to ``generate_step``.
+    """
+    tokens = encode_prompt(prompt, model.config.vocab_size)
+    stop = [s for s in stop if s]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    held = ""
+    tic = time.perf_counter()
+    for n, (token, logprobs) in enumerate(generate_step(model, tokens, max_tokens=max_tokens, **kwargs), start=1):
+        if n == 1:
+            prompt_tps = len(tokens) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        last = n == max_tokens
+        held += decoder.decode(bytes([token]) if token < 256 else b"\xff", final=last)
+        text, held, stopped = _split_at_stop(held, stop, final=last)
+        yield GenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            prompt_tokens=len(tokens),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason="stop" if stopped else "length" if last else None,
+        )
+        if stopped:
+            return
+
+
+def generate(model: BDH, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """The continuation of ``prompt`` as one string; with ``verbose``, stream it to stdout and statistics to stderr."""
+    pieces = []
+    response = None
+    for response in stream_generate(model, prompt, max_tokens=max_tokens, **kwargs):
+        pieces.append(response.text)
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print(flush=True)
+        print(
+            f"==========\n"
+            f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec\n"
+            f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens-per-sec\n"
+            f"Peak memory: {response.peak_memory:.3f} GB",
+            file=sys.stderr,
+            flush=True,
+        )
+    return "".join(pieces)
+
+
+def batch_generate(model: BDH, prompts: list, max_tokens: int = 256, stop: Iterable[str] = (), **kwargs) -> list:
+    """Continue prompts of different lengths together; one string per prompt.
+
+    Each prompt is prefilled with its own cache, then all rows decode in lockstep.
+    Each row is cut before its first stop string. Other keyword arguments as ``generate_step``.
+    """
+    rows = [encode_prompt(p, model.config.vocab_size) for p in prompts]
+    steps = [y for y, _ in _batch_steps(model, rows, max_tokens=max_tokens, **kwargs)]
+    columns = mx.stack(steps, axis=1).tolist() if steps else [[] for _ in rows]
+    texts = [bytes(t if t < 256 else 0xFF for t in row).decode("utf-8", errors="replace") for row in columns]
+    return [_split_at_stop(text, list(stop), final=True)[0] for text in texts]
+
+
+# --- Command line ------------------------------------------------------------------
+
+
+def fraction(text):
+    """A number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def positive_fraction(text):
+    """A number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog="bdh-mlx generate",
+        description="Continue a prompt with a trained model: the prompt and the continuation go to stdout, "
+        "the statistics to stderr.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.npz)")
+    p.add_argument("--prompt", required=True, help="text to continue; '-' reads standard input")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="bytes to generate (default 256)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
+    p.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus sampling, in (0, 1] (1: off)")
+    p.add_argument("--min-p", type=fraction, default=0.0, help="min-p sampling, in [0, 1] (0: off)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (default off)")
+    p.add_argument("--repetition-context-size", type=positive_int, default=20, help="bytes it looks back")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt bytes per step")
+    p.add_argument("--save-cache", default=None, help="save the state after the prompt to this .npz")
+    p.add_argument("--load-cache", default=None, help="start from a saved state; the prompt continues it")
+    return p
+
+
+def run(args):
+    from .checkpoint import load
+
+    if args.prompt == "-":
+        prompt = sys.stdin.buffer.read()
+    else:
+        prompt = args.prompt.encode("utf-8", errors="surrogateescape")
+    model = load(args.checkpoint)
+    tokens = encode_prompt(prompt, model.config.vocab_size)
+    model.set_compute_dtype(DTYPES[args.dtype])
+    cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
+
+    def save_prompt_cache(done, total):
+        if args.save_cache is not None and done == total:
+            cache.save(args.save_cache)
+
+    sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
+    sys.stdout.flush()
+    generate(
+        model,
+        tokens,
+        max_tokens=args.max_tokens,
+        verbose=True,
+        sampler=make_sampler(args.temperature, args.top_p, args.min_p, args.top_k),
+        logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
+        cache=cache,
+        prefill_chunk=args.prefill_chunk,
+        seed=args.seed,
+        stop=args.stop,
+        prompt_progress_callback=save_prompt_cache,
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_command("bdh-mlx generate", run, args)
+
+
+if __name__ == "__main__":
+    main()
