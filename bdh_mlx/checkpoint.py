@@ -28,6 +28,23 @@ def weight_shapes(config: BDHConfig) -> dict:
     }
 
 
+def check_weights(source, config: BDHConfig, weights: dict):
+    """Raise CheckpointError naming ``source`` unless ``weights`` are the official names, shapes and float dtypes."""
+    expected = weight_shapes(config)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise CheckpointError(f"{source}: weights do not match the model: {'; '.join(problems)}")
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: {name} has shape {got}, but the config needs {shape}")
+        if not np.issubdtype(weights[name].dtype, np.floating):
+            raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected floating point")
+
+
 def model_weights(model: BDH) -> dict:
     """The model's parameters as float32 numpy arrays, under their official names."""
     return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
@@ -72,21 +89,7 @@ def read_checkpoint(path, **config_overrides):
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
     arrays.pop(FORMAT_KEY, None)
-
-    expected = weight_shapes(config)
-    missing = sorted(set(expected) - set(arrays))
-    unexpected = sorted(set(arrays) - set(expected))
-    if missing or unexpected:
-        problems = [f"missing {', '.join(missing)}"] if missing else []
-        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
-        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(problems)}")
-    for name, shape in expected.items():
-        if tuple(arrays[name].shape) != shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(arrays[name].shape)}, but the config needs {shape}"
-            )
-        if not np.issubdtype(arrays[name].dtype, np.floating):
-            raise CheckpointError(f"{path}: {name} has dtype {arrays[name].dtype}, expected floating point")
+    check_weights(path, config, arrays)
     return config, arrays
 
 
