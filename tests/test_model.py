@@ -1,0 +1,123 @@
+"""BDHConfig and the BDH module: presets, validation, parameters, dropout, bf16 compute."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from bdh_mlx import BDH, PRESETS, BDHConfig, ConfigError
+from bdh_mlx.checkpoint import weight_shapes
+
+OFFICIAL_NAMES = {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+
+
+def count(tree) -> int:
+    """Number of scalars; sizes of lazy arrays are known without computing them."""
+    return sum(v.size for _, v in tree_flatten(tree))
+
+
+@pytest.mark.parametrize("name, expected", [("25m", 25_296_896), ("100m", 100_925_440)])
+def test_published_parameter_counts(name, expected):
+    config = BDHConfig.from_preset(name)
+    m, D, V = config.mlp_internal_dim_multiplier, config.n_embd, config.vocab_size
+    assert 3 * m * D * D + 2 * V * D == expected  # the paper's formula
+    assert config.num_parameters == expected
+    assert count(BDH(config).parameters()) == expected  # built lazily: nothing is computed
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_models_have_the_official_parameters(name):
+    config = BDHConfig.from_preset(name)
+    model = BDH(config)
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert shapes == weight_shapes(config)
+    assert set(shapes) == OFFICIAL_NAMES
+    assert count(model.trainable_parameters()) == config.num_parameters
+
+
+def test_n_layer_does_not_change_the_parameter_count():
+    assert BDHConfig(n_layer=1).num_parameters == BDHConfig(n_layer=12).num_parameters
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        BDHConfig.from_preset("huge")
+    assert str(e.value) == "unknown preset 'huge'; valid presets: tiny, small, 25m, 100m"
+    assert set(PRESETS) == {"tiny", "small", "25m", "100m"}
+
+
+def test_preset_overrides():
+    config = BDHConfig.from_preset("25m", n_layer=2, dropout=0.0)
+    assert (config.n_layer, config.dropout, config.n_embd, config.n_neurons) == (2, 0.0, 256, 8192)
+
+
+def test_from_dict_ignores_unknown_keys():
+    config = BDHConfig.from_dict({"n_layer": 3, "n_embd": 64, "block_size": 512, "lr": 1e-3})
+    assert (config.n_layer, config.n_embd, config.n_head) == (3, 64, 4)
+    assert BDHConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"n_layer": 0}, "n_layer must be a positive integer, got 0"),
+        ({"n_embd": -8}, "n_embd must be a positive integer, got -8"),
+        ({"n_head": 2.5}, "n_head must be a positive integer, got 2.5"),
+        ({"vocab_size": True}, "vocab_size must be a positive integer, got True"),
+        ({"mlp_internal_dim_multiplier": "4"}, "mlp_internal_dim_multiplier must be a positive integer, got '4'"),
+        ({"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+        ({"dropout": -0.1}, "dropout must be in [0, 1), got -0.1"),
+        ({"attention": "flash"}, "attention must be one of auto, parallel, chunked, got 'flash'"),
+        ({"n_embd": 6, "n_head": 2, "mlp_internal_dim_multiplier": 1}, "must be even and positive for RoPE, got 3"),
+    ],
+)
+def test_invalid_config_values(fields, message):
+    with pytest.raises(ConfigError) as e:
+        BDHConfig(**fields)
+    assert message in str(e.value)
+
+
+def test_rope_frequencies_are_a_constant_not_a_parameter():
+    model = BDH(BDHConfig.from_preset("tiny"))
+    assert model._freqs.shape == (model.config.n_neurons,)
+    assert set(dict(tree_flatten(model.parameters()))) == OFFICIAL_NAMES
+    assert set(dict(tree_flatten(model.trainable_parameters()))) == OFFICIAL_NAMES
+
+
+def tiny_batch(config, B=2, T=12, seed=0):
+    return mx.random.randint(0, config.vocab_size, (B, T), key=mx.random.key(seed))
+
+
+def test_dropout_only_in_train_mode():
+    model = BDH(BDHConfig.from_preset("tiny", dropout=0.5))
+    idx = tiny_batch(model.config)
+    model.train()
+    a, b = model(idx)[0], model(idx)[0]
+    assert not np.array_equal(np.array(a), np.array(b))
+    model.eval()
+    a, b = model(idx)[0], model(idx)[0]
+    assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_loss_is_the_mean_cross_entropy():
+    model = BDH(BDHConfig.from_preset("tiny", dropout=0.0))
+    idx, targets = tiny_batch(model.config), tiny_batch(model.config, seed=1)
+    logits, loss = model(idx, targets)
+    logits, targets = np.array(logits, dtype=np.float64), np.array(targets)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, targets[..., None], axis=-1).mean()
+    assert abs(loss.item() - want) < 1e-5
+
+
+def test_bf16_compute():
+    model = BDH(BDHConfig.from_preset("tiny", dropout=0.0)).eval()
+    idx = tiny_batch(model.config)
+    fp32, _ = model(idx)
+    activations = []
+    logits, loss = model.set_compute_dtype(mx.bfloat16)(idx, idx, activations=activations)
+    assert logits.dtype == mx.float32 and loss.dtype == mx.float32
+    assert activations[0]["x"].dtype == mx.bfloat16  # the compute really is bf16
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()))
+    assert np.isfinite(np.array(logits)).all() and np.isfinite(loss.item())
+    assert np.abs(np.array(logits) - np.array(fp32)).max() < 0.05
