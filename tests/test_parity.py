@@ -10,7 +10,8 @@ from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 # Chunk sizes that do not divide the fixtures' lengths, so a partial last chunk is exercised.
 CHUNK = {"base": 5, "odd_heads": 7, "single_token": 3, "long": 96}
 FP32_TOL = 1e-4
-BF16_REL_TOL = 2e-2  # measured: about 6e-3 relative error of the logits
+BF16_REL_TOL = 2e-2  # measured: at most 6e-3 relative error of the logits
+BF16_LOSS_REL_TOL = 2e-3  # measured: at most 4e-5 relative error of the loss
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -79,7 +80,8 @@ def test_bf16_compute(fixture):
     assert logits.dtype == mx.float32 and model.encoder.dtype == mx.float32
     err = relative_error(logits, f["logits"])
     assert err < BF16_REL_TOL, f"{name} bf16 logits: relative error {err:.3g}"
-    assert abs(loss.item() - f["loss"].item()) < BF16_REL_TOL * f["loss"].item()
+    loss_err = abs(loss.item() - f["loss"].item()) / f["loss"].item()
+    assert loss_err < BF16_LOSS_REL_TOL, f"{name} bf16 loss: relative error {loss_err:.3g}"
 
 
 @pytest.mark.parametrize("attention", ["parallel", "chunked"])
