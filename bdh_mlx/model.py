@@ -138,19 +138,27 @@ def chunked_attention(qr, v, state, chunk_size):
     """Masked parallel inside each chunk, the carried state S (B, nh, N, D) across chunks.
 
     O(T N D) time and O(N D) state instead of O(T^2 N). ``state`` may be None (empty).
+    All chunks are processed at once: the state before each chunk is the state given plus an
+    exclusive cumulative sum of what each chunk writes (in float32). Slicing chunks one by one
+    would make the backward pass build a full-size gradient per chunk.
     Returns the output and the state after the last token.
     """
-    T = qr.shape[-2]
-    outputs = []
-    for start in range(0, T, chunk_size):
-        q, val = qr[..., start : start + chunk_size, :], v[..., start : start + chunk_size, :]
-        out = parallel_attention(q, val)
-        if state is not None:
-            out = out + (q.astype(state.dtype) @ state).astype(out.dtype)
-        written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)
-        state = written if state is None else state + written
-        outputs.append(out)
-    return mx.concatenate(outputs, axis=-2), state
+    B, nh, T, N = qr.shape
+    C = min(chunk_size, T)
+    n_chunks = -(-T // C)
+    pad = n_chunks * C - T  # zero rows write nothing and their outputs are dropped
+    if pad:
+        qr = mx.pad(qr, [(0, 0), (0, 0), (0, pad), (0, 0)])
+        v = mx.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
+    q = qr.reshape(B, nh, n_chunks, C, N)
+    val = v.reshape(*v.shape[:2], n_chunks, C, v.shape[-1])
+    written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)  # (B, nh, n_chunks, N, D)
+    before = mx.cumsum(written, axis=2, inclusive=False)
+    if state is not None:
+        before = before + state[:, :, None]
+    out = parallel_attention(q, val) + (q.astype(mx.float32) @ before).astype(qr.dtype)
+    out = out.reshape(B, nh, n_chunks * C, -1)[:, :, :T]
+    return out, before[:, :, -1] + written[:, :, -1]
 
 
 class BDH(nn.Module):

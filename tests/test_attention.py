@@ -1,0 +1,123 @@
+"""The three forms of BDH attention (parallel, chunked, recurrent) agree, alone and inside the model."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
+
+from bdh_mlx.generate import prefill
+from bdh_mlx.model import BDH, BDHConfig, chunked_attention, parallel_attention, recurrent_attention_step
+
+TOL = 1e-4
+
+
+def assert_close(got, want, what, tol=TOL):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    diff = float(np.abs(got - want).max())
+    assert np.allclose(got, want, atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"
+
+
+def reference_attention(qr, v):
+    """out_t = sum_{s < t} (qr_t . qr_s) v_s, in float64 with explicit loops over t."""
+    qr, v = np.asarray(qr, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    out = np.zeros(qr.shape[:-1] + v.shape[-1:])
+    for t in range(1, qr.shape[-2]):
+        weights = np.einsum("bhn,bhsn->bhs", qr[:, :, t], qr[:, :, :t])
+        out[:, :, t] = np.einsum("bhs,bxsd->bhd", weights, v[:, :, :t])
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    key_q, key_v = mx.random.split(mx.random.key(0))
+    qr = mx.random.normal((2, 3, 50, 16), key=key_q) * 0.5  # B 2, nh 3, T 50, N 16
+    v = mx.random.normal((2, 1, 50, 8), key=key_v)  # one value stream shared by the heads
+    return qr, v
+
+
+def test_parallel_matches_reference(inputs):
+    qr, v = inputs
+    assert_close(parallel_attention(qr, v), reference_attention(qr, v), "parallel")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10, 50, 64])
+def test_chunked_matches_parallel(inputs, chunk_size):
+    qr, v = inputs
+    out, state = chunked_attention(qr, v, None, chunk_size)
+    assert state.dtype == mx.float32 and state.shape == (2, 3, 16, 8)
+    assert_close(out, parallel_attention(qr, v), f"chunked {chunk_size}")
+    assert_close(state, qr.swapaxes(-1, -2) @ v, f"chunked {chunk_size} final state")
+
+
+def test_recurrent_matches_parallel(inputs):
+    qr, v = inputs
+    state = mx.zeros((2, 3, 16, 8))
+    outputs = []
+    for t in range(qr.shape[-2]):
+        out, state = recurrent_attention_step(qr[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        outputs.append(out)
+    assert_close(mx.concatenate(outputs, axis=-2), parallel_attention(qr, v), "recurrent")
+
+
+def test_chunked_continues_a_state(inputs):
+    qr, v = inputs
+    first, state = chunked_attention(qr[:, :, :23], v[:, :, :23], None, 6)
+    second, _ = chunked_attention(qr[:, :, 23:], v[:, :, 23:], state, 4)
+    assert_close(mx.concatenate([first, second], axis=-2), parallel_attention(qr, v), "chunked in two calls")
+
+
+def tiny_model(**overrides):
+    mx.random.seed(1)
+    model = BDH(BDHConfig.from_preset("tiny", dropout=0.0, **overrides))
+    model.eval()
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [103, 128])  # divides T = 1030, does not
+def test_model_forms_agree_at_1030_tokens(chunk_size):
+    idx = mx.random.randint(0, 256, (2, 1030), key=mx.random.key(2))
+    parallel = tiny_model(attention="parallel")
+    want, _ = parallel(idx)
+    chunked = tiny_model(attention="chunked", chunk_size=chunk_size)
+    assert_close(chunked(idx)[0], want, f"chunked {chunk_size}")
+    cache = chunked.make_cache(2)
+    assert_close(prefill(chunked, idx[:, :-1], cache, chunk_size=300), want[:, -2], "cached prefill")
+    assert_close(chunked(idx[:, -1:], cache=cache)[0][:, 0], want[:, -1], "one step after the prefill")
+
+
+def test_auto_switches_to_chunked_for_long_sequences():
+    model = tiny_model(attention="auto", chunk_size=8)
+    idx = mx.random.randint(0, 256, (1, 40), key=mx.random.key(3))  # 40 > 4 * 8: chunked
+    assert_close(model(idx)[0], tiny_model(attention="parallel")(idx)[0], "auto")
+
+
+def test_chunked_gradients_equal_parallel_gradients():
+    data = mx.random.randint(0, 256, (2, 65), key=mx.random.key(4))
+    idx, targets = data[:, :-1], data[:, 1:]
+    grads = {}
+    for form in ("parallel", "chunked"):
+        model = tiny_model(attention=form, chunk_size=10)
+        loss, g = nn.value_and_grad(model, lambda m, x, y: m(x, y)[1])(model, idx, targets)
+        grads[form] = (loss, dict(tree_flatten(g)))
+    (loss_p, grad_p), (loss_c, grad_c) = grads["parallel"], grads["chunked"]
+    assert abs(loss_p.item() - loss_c.item()) < TOL
+    for name, g in grad_p.items():
+        err = float(mx.linalg.norm(grad_c[name] - g) / mx.linalg.norm(g))
+        assert err < TOL, f"{name}: relative gradient error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixtures_in_uneven_cached_pieces(name):
+    """The official logits, from the cache fed in three uneven pieces (chunked, then stepping)."""
+    f = read_fixture(name)
+    model = fixture_model(f, chunk_size=3)
+    idx, _ = fixture_inputs(f)
+    T = idx.shape[1]
+    cuts = sorted({0, T // 3, T // 3 + T // 5 + 1, T} & set(range(T + 1)))
+    cache = model.make_cache(idx.shape[0])
+    parts = [model(idx[:, a:b], cache=cache)[0] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    assert_close(mx.concatenate(parts, axis=1), f["logits"], f"{name} in pieces {cuts}")
