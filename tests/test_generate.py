@@ -1,0 +1,231 @@
+"""Generation: cached decoding equals recomputation, UTF-8 streaming, stop strings, seeds, batches, the CLI."""
+
+import io
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bdh_mlx import checkpoint
+from bdh_mlx.generate import (
+    _split_at_stop,
+    batch_generate,
+    generate,
+    generate_step,
+    main,
+    prefill,
+    stream_generate,
+)
+from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.sample_utils import make_logits_processors, make_sampler
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    mx.random.seed(11)
+    return BDH(BDHConfig.from_preset("tiny", chunk_size=16))  # dropout 0.1: generation must switch it off
+
+
+def scripted(data: bytes):
+    """A sampler that ignores the model and emits ``data`` byte by byte."""
+    it = iter(data)
+    return lambda logprobs, key=None: mx.array([next(it)])
+
+
+def stream_texts(model, data: bytes, **kwargs):
+    return [(r.text, r.finish_reason) for r in stream_generate(model, "x", sampler=scripted(data), **kwargs)]
+
+
+@pytest.mark.slow
+def test_cached_greedy_equals_recompute(model):
+    prompt = list(b"The dragon hatchling ")
+    steps = list(generate_step(model, prompt, max_tokens=210, prefill_chunk=8))
+    assert model.training, "generation must restore the training mode"
+    model.eval()
+    try:
+        seq = list(prompt)
+        for n, (token, logprobs) in enumerate(steps):
+            logits, _ = model(mx.array([seq]))
+            want = logits[0, -1] - mx.logsumexp(logits[0, -1])
+            diff = float(mx.abs(logprobs - want).max())
+            assert diff < TOL, f"step {n}: logprobs differ by {diff:.3g}"
+            assert token == mx.argmax(want).item(), f"step {n}: token {token} != {mx.argmax(want).item()}"
+            seq.append(token)
+    finally:
+        model.train()
+
+
+def test_chunked_prefill_equals_token_by_token(model):
+    model.eval()
+    idx = mx.random.randint(0, 256, (1, 45), key=mx.random.key(12))
+    chunked = model.make_cache(1)
+    got = prefill(model, idx, chunked, chunk_size=13)
+    stepped = model.make_cache(1)
+    for t in range(idx.shape[1]):
+        want, _ = model(idx[:, t : t + 1], cache=stepped)
+    model.train()
+    np.testing.assert_allclose(np.array(got), np.array(want[:, -1]), atol=TOL, rtol=TOL)
+    assert chunked.offset.tolist() == stepped.offset.tolist() == [45]
+    for a, b in zip(chunked.states, stepped.states, strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=TOL, rtol=TOL)
+
+
+def test_utf8_split_across_tokens_and_invalid_bytes(model):
+    data = "aé世🐉".encode() + b"\xffz"
+    got = stream_texts(model, data, max_tokens=len(data))
+    want_texts = ["a", "", "é", "", "", "世", "", "", "", "🐉", "\ufffd", "z"]
+    assert [t for t, _ in got] == want_texts
+    assert [f for _, f in got] == [None] * (len(data) - 1) + ["length"]
+
+
+def test_incomplete_character_at_the_end_becomes_replacement(model):
+    got = stream_texts(model, b"ok\xe4\xb8", max_tokens=4)
+    assert "".join(t for t, _ in got) == "ok\ufffd"
+
+
+def test_stop_string_split_across_tokens(model):
+    data = "hello wörld, more".encode()
+    got = stream_texts(model, data, max_tokens=len(data), stop=["xyz", "o w"])
+    assert "".join(t for t, _ in got) == "hell"
+    assert got[-1][1] == "stop" and len(got) == len(b"hello w")
+    multibyte = stream_texts(model, data, max_tokens=len(data), stop=["örl"])
+    assert "".join(t for t, _ in multibyte) == "hello w"
+
+
+def test_held_back_text_is_released(model):
+    data = b"abcabd"
+    got = stream_texts(model, data, max_tokens=len(data), stop=["abx"])
+    assert [t for t, _ in got] == ["", "", "abc", "", "", "abd"]
+    assert got[-1][1] == "length"
+
+
+def test_split_at_stop():
+    assert _split_at_stop("one two", ["two", "ne"], final=False) == ("o", "", True)
+    assert _split_at_stop("one tw", ["two"], final=False) == ("one ", "tw", False)
+    assert _split_at_stop("one tw", ["two"], final=True) == ("one tw", "", False)
+
+
+def test_generate_joins_the_stream(model):
+    sampler = make_sampler(0.9, top_k=20)
+    text = generate(model, "abc", max_tokens=40, sampler=sampler, seed=3)
+    pieces = [r.text for r in stream_generate(model, "abc", max_tokens=40, sampler=sampler, seed=3)]
+    assert text == "".join(pieces)
+
+
+def test_same_seed_same_text_and_global_rng_untouched(model):
+    sampler = make_sampler(1.0)
+    mx.random.seed(123)
+    untouched = mx.random.uniform(shape=(4,)).tolist()
+    mx.random.seed(123)
+    first = generate(model, "seed", max_tokens=60, sampler=sampler, seed=7)
+    assert mx.random.uniform(shape=(4,)).tolist() == untouched
+    assert generate(model, "seed", max_tokens=60, sampler=sampler, seed=7) == first
+    assert generate(model, "seed", max_tokens=60, sampler=sampler, seed=8) != first
+
+
+def test_batch_of_prompts_of_different_lengths(model):
+    prompts = ["a", "a much longer prompt than the others", "mid length"]
+    got = batch_generate(model, prompts, max_tokens=30, prefill_chunk=7)
+    assert got == [generate(model, p, max_tokens=30) for p in prompts]
+
+
+def test_batch_with_repetition_penalty(model):
+    prompts = ["ab", "a longer one"]
+    processors = make_logits_processors(1.5, repetition_context_size=8)
+    got = batch_generate(model, prompts, max_tokens=20, logits_processors=processors)
+    assert got == [generate(model, p, max_tokens=20, logits_processors=processors) for p in prompts]
+
+
+def test_prompt_forms_and_empty_prompt(model):
+    want = generate(model, "héllo", max_tokens=10)
+    assert generate(model, "héllo".encode(), max_tokens=10) == want
+    assert generate(model, list("héllo".encode()), max_tokens=10) == want
+    with pytest.raises(Exception, match="the prompt is empty"):
+        generate(model, "", max_tokens=10)
+
+
+# --- bdh-mlx generate ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.npz"
+    checkpoint.save(model, path)
+    return path
+
+
+def run_cli(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code or 0, out, err
+
+
+def test_cli_writes_prompt_and_continuation(model, ckpt, capsys):
+    code, out, err = run_cli(["--checkpoint", str(ckpt), "--prompt", "Once", "--max-tokens", "12", "--temperature", "0"], capsys)
+    assert code == 0
+    assert out == "Once" + generate(model, "Once", max_tokens=12) + "\n"
+    assert "Generation: 12 tokens" in err
+
+
+def test_cli_reads_stdin_and_stops(model, ckpt, capsys, monkeypatch):
+    full = generate(model, "stdin prompt", max_tokens=12)
+    stop = full[3:5]
+    argv = ["--checkpoint", str(ckpt), "--prompt", "-", "--max-tokens", "12", "--temperature", "0", "--stop", stop]
+    code, out, _ = run_cli(argv, capsys, stdin=b"stdin prompt", monkeypatch=monkeypatch)
+    assert code == 0 and out == "stdin prompt" + full[: full.index(stop)] + "\n"
+
+
+def test_cli_sampling_is_reproducible(ckpt, capsys):
+    argv = ["--checkpoint", str(ckpt), "--prompt", "hi", "--max-tokens", "30", "--seed", "5", "--top-p", "0.9"]
+    assert run_cli(argv, capsys)[1] == run_cli(argv, capsys)[1]
+
+
+def test_cli_prompt_cache(model, ckpt, capsys, tmp_path):
+    saved = tmp_path / "cache.npz"
+    base = ["--checkpoint", str(ckpt), "--max-tokens", "10", "--temperature", "0"]
+    assert run_cli([*base, "--prompt", "first part, ", "--save-cache", str(saved)], capsys)[0] == 0
+    code, out, _ = run_cli([*base, "--prompt", "second", "--load-cache", str(saved)], capsys)
+    assert code == 0 and out == "second" + generate(model, "first part, second", max_tokens=10) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "x", "--checkpoint", "MISSING"], "no such checkpoint file"),
+        (["--prompt", "x", "--checkpoint", "CORRUPT"], "not a readable .npz checkpoint"),
+        (["--prompt", "", "--checkpoint", "CKPT"], "the prompt is empty"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--top-p", "0"], "--top-p"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--top-p", "1.5"], "--top-p"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--top-k", "-1"], "--top-k"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--min-p", "1.5"], "--min-p"),
+        (["--prompt", "x", "--checkpoint", "CKPT", "--load-cache", "MISSING"], "no such cache file"),
+        (["--prompt", "x"], "--checkpoint"),
+    ],
+)
+def test_cli_bad_input(args, message, ckpt, capsys, tmp_path):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a checkpoint")
+    paths = {"MISSING": str(tmp_path / "missing.npz"), "CORRUPT": str(corrupt), "CKPT": str(ckpt)}
+    code, out, err = run_cli([paths.get(a, a) for a in args], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("bdh-mlx generate: error:") and message in err, err
+
+
+def test_cli_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bdh_mlx", "generate", "--checkpoint", str(tmp_path / "none.npz"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "no such checkpoint file" in result.stderr
