@@ -170,7 +170,8 @@ def run_cli(argv, capsys, stdin=None, monkeypatch=None):
 
 
 def test_cli_writes_prompt_and_continuation(model, ckpt, capsys):
-    code, out, err = run_cli(["--checkpoint", str(ckpt), "--prompt", "Once", "--max-tokens", "12", "--temperature", "0"], capsys)
+    argv = ["--checkpoint", str(ckpt), "--prompt", "Once", "--max-tokens", "12", "--temperature", "0"]
+    code, out, err = run_cli(argv, capsys)
     assert code == 0
     assert out == "Once" + generate(model, "Once", max_tokens=12) + "\n"
     assert "Generation: 12 tokens" in err
