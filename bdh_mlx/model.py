@@ -130,8 +130,10 @@ def parallel_attention(qr, v):
 
 def recurrent_attention_step(qr, v, state):
     """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32."""
-    out = (qr.astype(state.dtype) @ state).astype(qr.dtype)
-    return out, state + (qr.swapaxes(-1, -2) @ v).astype(state.dtype)
+    qr32 = qr.astype(state.dtype)
+    out = (qr32 @ state).astype(qr.dtype)
+    # A broadcast product, not a K = 1 matmul: one pass over the state (memory-bound at large N x D).
+    return out, state + qr32.swapaxes(-1, -2) * v.astype(state.dtype)
 
 
 def chunked_attention(qr, v, state, chunk_size):
