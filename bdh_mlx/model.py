@@ -91,6 +91,17 @@ def layer_norm(x):
     return mx.fast.layer_norm(x, None, None, LN_EPS)
 
 
+@mx.custom_function
+def relu(x):
+    """max(x, 0); its backward pass needs only the output, so the input can be freed (saves memory)."""
+    return mx.maximum(x, 0)
+
+
+@relu.vjp
+def _relu_vjp(primals, cotangent, output):
+    return cotangent * (output > 0)
+
+
 def rope_frequencies(n_neurons: int) -> mx.array:
     """f[j] = 1 / theta^(2 floor(j/2) / N) / 2pi, in float32; neurons 2i and 2i+1 share one."""
     j = np.arange(n_neurons, dtype=np.float32)
@@ -194,17 +205,21 @@ class BDH(nn.Module):
         c = self.config
         return BDHCache.empty(batch_size, c.n_layer, c.n_head, c.n_neurons, c.n_embd)
 
-    def _attention(self, qr, v, cache, layer):
+    def _attention(self, x, cos, sin, v, cache, layer):
         if cache is not None:
-            form = recurrent_attention_step if qr.shape[-2] == 1 else self._chunked
-            out, cache.states[layer] = form(qr, v, cache.states[layer])
+            form = recurrent_attention_step if x.shape[-2] == 1 else self._chunked
+            out, cache.states[layer] = form(rope(x, cos, sin), v, cache.states[layer])
             return out
         form = self.config.attention
         if form == "auto":
-            form = "parallel" if qr.shape[-2] <= 4 * self.config.chunk_size else "chunked"
+            form = "parallel" if x.shape[-2] <= 4 * self.config.chunk_size else "chunked"
         if form == "parallel":
-            return parallel_attention(qr, v)
-        return self._chunked(qr, v, None)[0]
+            return parallel_attention(rope(x, cos, sin), v)
+        # Recomputed in the backward pass rather than keeping the rotated x and every chunk's state.
+        return mx.checkpoint(self._rope_chunked)(x, cos, sin, v)
+
+    def _rope_chunked(self, x, cos, sin, v):
+        return self._chunked(rope(x, cos, sin), v, None)[0]
 
     def _chunked(self, qr, v, state):
         return chunked_attention(qr, v, state, self.config.chunk_size)
@@ -226,9 +241,9 @@ class BDH(nn.Module):
 
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
         for layer in range(c.n_layer):
-            x = nn.relu(v @ encoder)  # (B, nh, T, N)
-            a = layer_norm(self._attention(rope(x, cos, sin), v, cache, layer))  # (B, nh, T, D)
-            y = nn.relu(a @ encoder_v)  # (B, nh, T, N)
+            x = relu(v @ encoder)  # (B, nh, T, N)
+            a = layer_norm(self._attention(x, cos, sin, v, cache, layer))  # (B, nh, T, D)
+            y = relu(a @ encoder_v)  # (B, nh, T, N)
             if activations is not None:
                 activations.append({"x": x, "y": y})
             xy = self.drop(x * y)
