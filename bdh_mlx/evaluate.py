@@ -1,0 +1,106 @@
+"""Validation loss, bits per byte and activation sparsity; ``bdh-mlx eval`` for a checkpoint.
+
+The same functions run inside ``bdh-mlx train`` at every evaluation.
+"""
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import checkpoint
+from .cli import ArgumentParser, positive_int, run_command
+from .data import add_data_arguments, eval_batches, load_corpus
+from .model import BDH
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+def default_cache_dir(run_dir) -> Path:
+    """Encoded corpora are cached beside the run folders, so later runs and resumes reuse them."""
+    return Path(run_dir).parent / "data_cache"
+
+
+class eval_mode:
+    """``with eval_mode(model):`` dropout off inside, the previous mode restored after."""
+
+    def __init__(self, model: BDH):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+
+
+def evaluate_loss(model: BDH, batches: np.ndarray) -> tuple:
+    """Mean cross-entropy over ``batches`` (n, B, T + 1) with dropout off, and bits per byte (= loss / ln 2)."""
+    total = mx.array(0.0)
+    with eval_mode(model):
+        for batch in batches:
+            batch = mx.array(batch, dtype=mx.int32)
+            total = total + model(batch[:, :-1], batch[:, 1:])[1]
+            mx.eval(total)
+    loss = total.item() / len(batches)
+    return loss, loss / math.log(2)
+
+
+def activation_sparsity(model: BDH, batch: np.ndarray) -> tuple:
+    """Per layer, the fraction of non-zero entries of x and of y on one batch (B, T + 1), dropout off."""
+    activations = []
+    with eval_mode(model):
+        model(mx.array(batch[:, :-1], dtype=mx.int32), activations=activations)
+    x = mx.stack([mx.mean(a["x"] > 0) for a in activations])
+    y = mx.stack([mx.mean(a["y"] > 0) for a in activations])
+    return x.tolist(), y.tolist()
+
+
+def evaluate(model: BDH, batches: np.ndarray) -> dict:
+    """Validation loss, bits per byte and per-layer sparsity of x and y."""
+    loss, bpb = evaluate_loss(model, batches)
+    sparsity_x, sparsity_y = activation_sparsity(model, batches[0])
+    return {"val_loss": loss, "val_bpb": bpb, "sparsity_x": sparsity_x, "sparsity_y": sparsity_y}
+
+
+def add_eval_arguments(parser):
+    """Batch shape of the fixed validation set, shared by ``train`` and ``eval``."""
+    parser.add_argument("--block-size", type=positive_int, default=512, help="bytes per sequence (default: 512)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default: 32)")
+    parser.add_argument("--eval-batches", type=positive_int, default=20,
+                        help="validation batches, fixed evenly spaced crops (default: 20)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+
+
+def build_parser():
+    parser = ArgumentParser(prog="bdh-mlx eval", description="Validation loss and bits per byte of a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint")
+    add_eval_arguments(parser)
+    add_data_arguments(parser)
+    return parser
+
+
+def run(args):
+    model = checkpoint.load(args.checkpoint)
+    model.set_compute_dtype(DTYPES[args.dtype])
+    cache_dir = args.cache_dir or default_cache_dir(Path(args.checkpoint).resolve().parent)
+    corpus = load_corpus(args, cache_dir)
+    corpus.check_block_size(args.block_size)
+    batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
+    metrics = evaluate(model, batches)
+    x = " ".join(f"{s:.3f}" for s in metrics["sparsity_x"])
+    y = " ".join(f"{s:.3f}" for s in metrics["sparsity_y"])
+    shape = " x ".join(map(str, batches[..., 1:].shape))
+    print(f"{args.checkpoint}: validation on {corpus.source} ({shape} bytes)")
+    print(f"val loss {metrics['val_loss']:.4f} | bits per byte {metrics['val_bpb']:.4f}")
+    print(f"non-zero x per layer: {x} | non-zero y per layer: {y}")
+    return metrics
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run_command("bdh-mlx eval", run, args)
+    return 0
