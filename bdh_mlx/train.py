@@ -475,7 +475,8 @@ def train(args):
         if not (math.isfinite(train_loss) and math.isfinite(norm)):
             kept = f"the last good checkpoint is {run_dir / 'last.npz'} (step {saved_step})" if saved_step is not None \
                 else "no checkpoint was saved"
-            raise TrainingError(f"the loss became {train_loss} (grad norm {norm}) by step {step}; stopped, {kept}")
+            when = f"at step {step}" if step == last_log[0] + 1 else f"in steps {last_log[0] + 1}-{step}"
+            raise TrainingError(f"the loss became {train_loss} (grad norm {norm}) {when}; stopped, {kept}")
         now = time.perf_counter()
         tokens_per_sec = (step - last_log[0]) * tokens_per_step / max(now - last_log[1], 1e-9)
         loss_sum, n_losses, last_log = mx.array(0.0), 0, (step, now)
