@@ -1,0 +1,68 @@
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY_RUN
+
+from bdh_mlx import evaluate, load, plot, train
+from bdh_mlx.data import eval_batches
+
+EVAL_SHAPE = ["--block-size", "32", "--batch-size", "4", "--eval-batches", "2"]
+
+
+@pytest.fixture
+def finished_run(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    train.main([*TINY_RUN, "--data", str(corpus_file), "--out", str(out), "--steps", "6", "--dropout", "0.5",
+                "--eval-every", "3", "--log-every", "1"])
+    return out
+
+
+def test_eval_command_is_deterministic_and_matches_training(finished_run, corpus_file, capsys):
+    args = evaluate.build_parser().parse_args(
+        ["--checkpoint", str(finished_run / "last.npz"), "--data", str(corpus_file), *EVAL_SHAPE]
+    )
+    first, second = evaluate.run(args), evaluate.run(args)  # dropout 0.5 in the config: must be off
+    assert first == second
+    final = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()][-1]
+    for key in ("val_loss", "val_bpb", "sparsity_x", "sparsity_y"):
+        assert first[key] == final[key], key  # the same function, batches and weights as in training
+    out = capsys.readouterr().out
+    assert f"val loss {final['val_loss']:.4f} | bits per byte {final['val_bpb']:.4f}" in out
+
+
+def test_sparsity_counts_nonzero_activations(finished_run, corpus_file):
+    model = load(finished_run / "last.npz")
+    data = np.frombuffer(corpus_file.read_bytes(), dtype=np.uint8)
+    batch = eval_batches(data, 2, 16, 1)[0]
+    model.eval()
+    acts = []
+    model(mx.array(batch[:, :-1], dtype=mx.int32), activations=acts)
+    expected_x = [np.count_nonzero(np.array(a["x"])) / np.array(a["x"]).size for a in acts]
+    expected_y = [np.count_nonzero(np.array(a["y"])) / np.array(a["y"]).size for a in acts]
+    model.train()
+    x, y = evaluate.activation_sparsity(model, batch)
+    np.testing.assert_allclose(x, expected_x, rtol=1e-6)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6)
+    assert model.training  # the mode is restored
+
+
+def test_eval_bad_input(tmp_path, corpus_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tmp_path / "none.npz"), "--data", str(corpus_file)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"bdh-mlx eval: error: {tmp_path / 'none.npz'}: no such checkpoint file\n"
+
+
+def test_plot_writes_pngs(finished_run, tmp_path, capsys):
+    plot.main([str(finished_run), "--out", str(tmp_path / "charts")])
+    names = ["loss.png", "bpb.png", "lr.png", "sparsity.png"]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "charts" / n) for n in names]
+    for name in names:
+        assert (tmp_path / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"bdh-mlx plot: error: {tmp_path}: no metrics.jsonl (is it a bdh-mlx run folder?)\n"
