@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+import sys
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -224,11 +225,13 @@ def bad_input_cases(tmp_path):
         (["--resume", "norun"], "norun: no resume state (no last.json)"),
         (["--config", "bad.toml"], "bad.toml: unknown option 'stepz'"),
         (["--schedule", "cosine", "--warmup-steps", "10", "--steps", "10"], "leaves no steps for the cosine decay"),
+        (["--wandb", "proj"], "--wandb needs the wandb package: pip install wandb"),
     ]
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     cases = bad_input_cases(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
