@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import BDHCache
+from .checkpoint import load
 from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_command
 from .errors import BDHError
 from .model import BDH
@@ -278,7 +279,7 @@ def build_parser():
     p.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (default off)")
     p.add_argument("--repetition-context-size", type=positive_int, default=20, help="bytes it looks back")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (not printed); repeatable")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt bytes per step")
     p.add_argument("--save-cache", default=None, help="save the state after the prompt to this .npz")
@@ -287,8 +288,6 @@ def build_parser():
 
 
 def run(args):
-    from .checkpoint import load
-
     if args.prompt == "-":
         prompt = sys.stdin.buffer.read()
     else:
