@@ -89,6 +89,19 @@ def test_model_forms_agree_at_1030_tokens(chunk_size):
     assert_close(chunked(idx[:, -1:], cache=cache)[0][:, 0], want[:, -1], "one step after the prefill")
 
 
+@pytest.mark.slow
+def test_model_token_by_token_at_1030_tokens():
+    idx = mx.random.randint(0, 256, (2, 1030), key=mx.random.key(2))
+    model = tiny_model(attention="parallel")
+    cache = model.make_cache(2)
+    steps = []
+    for t in range(idx.shape[1]):
+        logits, _ = model(idx[:, t : t + 1], cache=cache)
+        mx.eval(logits, cache.state)
+        steps.append(logits)
+    assert_close(mx.concatenate(steps, axis=1), model(idx)[0], "token by token")
+
+
 def test_auto_switches_to_chunked_for_long_sequences():
     model = tiny_model(attention="auto", chunk_size=8)
     idx = mx.random.randint(0, 256, (1, 40), key=mx.random.key(3))  # 40 > 4 * 8: chunked
