@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
-from .utils import atomic_savez
+from .utils import atomic_savez, read_npz
 
 _OFFSET_KEY = "offset"
 
@@ -61,13 +61,7 @@ class BDHCache:
     def load(cls, path, config=None) -> "BDHCache":
         """Read a cache saved by ``save``; with ``config``, check that it fits that model."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such cache file")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable .npz cache ({e})") from None
+        arrays = read_npz(path, "cache file")
         n_layer = sum(k.startswith("state_") for k in arrays)
         if _OFFSET_KEY not in arrays or n_layer == 0:
             raise CheckpointError(f"{path}: not a bdh-mlx cache (no states or offset)")

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from .errors import BDHError, CheckpointError
 from .model import BDH, BDHConfig
-from .utils import atomic_savez
+from .utils import atomic_savez, read_npz
 
 CONFIG_KEY = "__bdh_config__"
 FORMAT_KEY = "__bdh_format__"
@@ -70,15 +70,7 @@ def read_checkpoint(path, **config_overrides):
     (e.g. ``dropout``, ``attention``, ``chunk_size``).
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(e).__name__}: {e})") from None
+    arrays = read_npz(path, "checkpoint file")
     if CONFIG_KEY not in arrays:
         raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
     try:

@@ -29,7 +29,7 @@ from .data import BatchSampler, add_data_arguments, eval_batches, load_corpus
 from .errors import BDHError, CheckpointError, ConfigError
 from .evaluate import DTYPES, add_eval_arguments, default_cache_dir, eval_mode, evaluate
 from .model import BDH, BDHConfig
-from .utils import atomic_savez, atomic_write, atomic_write_text
+from .utils import atomic_savez, atomic_write, atomic_write_text, read_npz
 
 PROG = "bdh-mlx train"
 DEFAULT_PRESET = "25m"
@@ -333,8 +333,7 @@ def save_resume_point(run_dir: Path, step: int, model, optimizer, meta: dict, ke
 
 
 def load_optimizer_state(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as f:
-        return tree_unflatten([(k, mx.array(f[k])) for k in f.files])
+    return tree_unflatten([(k, mx.array(v)) for k, v in read_npz(path, "optimizer state").items()])
 
 
 def truncate_metrics(path: Path, step: int):

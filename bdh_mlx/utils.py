@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CheckpointError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -31,6 +33,20 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_npz(path, what: str = "file") -> dict:
+    """All arrays of an ``.npz`` (never unpickling); a missing or unreadable file is a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such {what}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable .npz {what} ({type(e).__name__}: {e})") from None
 
 
 def atomic_savez(path, arrays):
