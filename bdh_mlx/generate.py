@@ -224,7 +224,7 @@ def generate(model: BDH, prompt, max_tokens: int = 256, verbose: bool = False, *
             f"==========\n"
             f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec\n"
             f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens-per-sec\n"
-            f"Peak memory: {response.peak_memory:.3f} GB",
+            f"Peak memory: {response.peak_memory * 1e3:.1f} MB",
             file=sys.stderr,
             flush=True,
         )
