@@ -483,7 +483,7 @@ def train(args):
                 "tokens_per_sec": tokens_per_sec}
 
     with StopFlag() as stop, tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True,
-                                  disable=args.no_progress) as bar:
+                                  disable=args.no_progress, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for step in range(start + 1, args.steps + 1):
             if stop.requested:
                 if n_losses:

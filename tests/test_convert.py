@@ -1,8 +1,8 @@
 """Conversion to and from the official PyTorch state_dict.
 
 The numpy-level mapping and the CLI's error handling are tested without torch. The end-to-end
-round trips through real ``.pt`` files need torch: they are skipped in CI (no torch there) and
-must be run locally, where torch is installed.
+round trips through real ``.pt`` files need torch: they are marked ``torch``, left out of the default
+run (CI has no torch) and run with ``python -m pytest -m torch`` where torch is installed.
 """
 
 import sys
@@ -157,6 +157,7 @@ def torch_model():
     return torch, TorchBDH(TorchConfig(**config)).eval(), BDHConfig.from_dict(config)
 
 
+@pytest.mark.torch
 def test_torch_round_trip_through_the_cli(torch_model, tmp_path, capsys):
     """official-style torch model -> .pt -> --from-torch -> .npz -> --to-torch -> .pt -> strict load. Needs torch."""
     torch, model, config = torch_model
@@ -187,6 +188,7 @@ def test_torch_round_trip_through_the_cli(torch_model, tmp_path, capsys):
         assert torch.equal(reloaded(torch.from_numpy(np.array(idx)).long())[0], want)
 
 
+@pytest.mark.torch
 def test_torch_compiled_bf16_checkpoint_under_model(torch_model, tmp_path, capsys):
     """A training checkpoint: bf16 weights, ``_orig_mod.`` keys, under "model". Needs torch."""
     torch, model, config = torch_model
@@ -202,6 +204,7 @@ def test_torch_compiled_bf16_checkpoint_under_model(torch_model, tmp_path, capsy
         np.testing.assert_array_equal(weights[name], model.state_dict()[name].bfloat16().float().numpy())
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -226,6 +229,7 @@ def test_bad_torch_files_exit_2_with_one_line(torch_model, tmp_path, capsys, mak
     assert not out.exists()
 
 
+@pytest.mark.torch
 def test_written_freqs_are_torch_own_for_large_n(torch_model):
     """torch's float32 pow is not correctly rounded: the .pt writer uses torch's values. Needs torch."""
     torch, _, _ = torch_model
