@@ -7,6 +7,7 @@ PyTorch code. One set of weights is applied ``n_layer`` times; attention is line
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -122,9 +123,20 @@ def rotate_pairs(z):
     return mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(z.shape)
 
 
+@mx.custom_function
 def rope(z, cos, sin):
     """R_t(z) = z * cos(p_t) + rot(z) * sin(p_t)."""
     return z * cos + rotate_pairs(z) * sin
+
+
+@rope.vjp
+def _rope_vjp(primals, cotangent, output):
+    """R_t is a rotation of each pair (they share a phase), so its transpose is R_{-t}: rope with -sin.
+
+    Cheaper in memory than differentiating the pair shuffle. cos and sin are constants: no gradient.
+    """
+    z, cos, sin = primals
+    return rope(cotangent, cos, -sin), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
 # --- One attention, three forms -------------------------------------------------
@@ -174,6 +186,55 @@ def chunked_attention(qr, v, state, chunk_size):
     return out, before[:, :, -1] + written[:, :, -1]
 
 
+def dropout(x, p: float, key):
+    """Zero each entry with probability ``p`` (the mask drawn from ``key``) and scale the rest by 1 / (1 - p)."""
+    keep = mx.random.bernoulli(1 - p, x.shape, key=key)
+    return mx.where(keep, x * (1 / (1 - p)), 0)
+
+
+def random_key():
+    """A key drawn from MLX's global random state, so a compiled step over ``mx.random.state`` replays it."""
+    return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+
+
+def sparse_neurons(v, encoder, encoder_v, decoder, cos, sin, key, attend, p_drop):
+    """The N-wide part of a layer, for the heads of ``encoder``: concat_heads(xy) @ decoder (before its LN), x, y.
+
+    v: (B, 1, T, D); decoder: the rows of these heads. ``attend(qr, v)`` is the attention form; ``key``
+    draws the dropout mask (None: no dropout). A pure function of its arrays, so it can be recomputed.
+    """
+    x = relu(v @ encoder)  # (B, nh, T, N)
+    a = layer_norm(attend(rope(x, cos, sin), v))  # (B, nh, T, D)
+    y = relu(a @ encoder_v)  # (B, nh, T, N)
+    xy = x * y if key is None else dropout(x * y, p_drop, key)
+    # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
+    per_head = decoder.reshape(encoder.shape[0], -1, decoder.shape[-1])
+    return (xy @ per_head).sum(axis=1, keepdims=True), x, y
+
+
+def checkpoint(fn, *inputs):
+    """``fn(*inputs)[0]``, keeping only the inputs: ``fn`` is recomputed in the backward pass.
+
+    Like mx.checkpoint, but the first input's gradient is passed on only once the others' are taken,
+    while the recomputed activations are alive; otherwise every call's N-wide gradients wait for the end.
+    """
+
+    def output(*inputs):
+        return fn(*inputs)[0]
+
+    @mx.custom_function
+    def checkpointed(*inputs):
+        return output(*inputs)
+
+    @checkpointed.vjp
+    def checkpointed_vjp(primals, cotangent, _):
+        primals = mx.depends(list(primals), cotangent)  # recompute only when the backward pass gets here
+        _, (first, *rest) = mx.vjp(output, primals, [cotangent])
+        return (mx.depends(first, rest), *rest)
+
+    return checkpointed(*inputs)
+
+
 class BDH(nn.Module):
     """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
 
@@ -191,7 +252,6 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
-        self.drop = nn.Dropout(config.dropout)
         self._freqs = rope_frequencies(N)  # a constant: the leading "_" keeps it out of parameters()
         self.compute_dtype = mx.float32
 
@@ -205,21 +265,20 @@ class BDH(nn.Module):
         c = self.config
         return BDHCache.empty(batch_size, c.n_layer, c.n_head, c.n_neurons, c.n_embd)
 
-    def _attention(self, x, cos, sin, v, cache, layer):
+    def _attend(self, T, cache, layer):
+        """The attention form for T tokens, as ``attend(qr, v) -> out``; with ``cache``, it advances the cache."""
         if cache is not None:
-            form = recurrent_attention_step if x.shape[-2] == 1 else self._chunked
-            out, cache.states[layer] = form(rope(x, cos, sin), v, cache.states[layer])
-            return out
+
+            def attend(qr, v):
+                form = recurrent_attention_step if T == 1 else self._chunked
+                out, cache.states[layer] = form(qr, v, cache.states[layer])
+                return out
+
+            return attend
         form = self.config.attention
         if form == "auto":
-            form = "parallel" if x.shape[-2] <= 4 * self.config.chunk_size else "chunked"
-        if form == "parallel":
-            return parallel_attention(rope(x, cos, sin), v)
-        # Recomputed in the backward pass rather than keeping the rotated x and every chunk's state.
-        return mx.checkpoint(self._rope_chunked)(x, cos, sin, v)
-
-    def _rope_chunked(self, x, cos, sin, v):
-        return self._chunked(rope(x, cos, sin), v, None)[0]
+            form = "parallel" if T <= 4 * self.config.chunk_size else "chunked"
+        return parallel_attention if form == "parallel" else lambda qr, v: self._chunked(qr, v, None)[0]
 
     def _chunked(self, qr, v, state):
         return chunked_attention(qr, v, state, self.config.chunk_size)
@@ -241,15 +300,23 @@ class BDH(nn.Module):
 
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
         for layer in range(c.n_layer):
-            x = relu(v @ encoder)  # (B, nh, T, N)
-            a = layer_norm(self._attention(x, cos, sin, v, cache, layer))  # (B, nh, T, D)
-            y = relu(a @ encoder_v)  # (B, nh, T, N)
-            if activations is not None:
-                activations.append({"x": x, "y": y})
-            xy = self.drop(x * y)
-            xy = xy.transpose(0, 2, 1, 3).reshape(B, 1, T, c.n_head * c.n_neurons)  # heads side by side
-            u = layer_norm(xy @ decoder)  # (B, 1, T, D)
-            v = layer_norm(v + u)
+            attend = self._attend(T, cache, layer)
+            key = random_key() if self.training and c.dropout > 0 else None
+            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout)
+            if attend is parallel_attention or cache is not None or activations is not None:
+                u, x, y = neurons(v, encoder, encoder_v, decoder, key=key)
+                if activations is not None:
+                    activations.append({"x": x, "y": y})
+            else:
+                # Long sequences: one head at a time, keeping only v and recomputing in the backward pass.
+                keys = [None] * c.n_head if key is None else mx.random.split(key, c.n_head)
+                heads = [slice(h, h + 1) for h in range(c.n_head)]
+                rows = [slice(h * c.n_neurons, (h + 1) * c.n_neurons) for h in range(c.n_head)]
+                u = sum(
+                    checkpoint(partial(neurons, key=k), v, encoder[h], encoder_v[h], decoder[r])
+                    for k, h, r in zip(keys, heads, rows, strict=True)
+                )
+            v = layer_norm(v + layer_norm(u))
         logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
 
         if cache is not None:
