@@ -186,27 +186,32 @@ def chunked_attention(qr, v, state, chunk_size):
     return out, before[:, :, -1] + written[:, :, -1]
 
 
-def dropout(x, p: float, key):
-    """Zero each entry with probability ``p`` (the mask drawn from ``key``) and scale the rest by 1 / (1 - p)."""
-    keep = mx.random.bernoulli(1 - p, x.shape, key=key)
+def dropout(x, p: float, keys):
+    """Zero each entry with probability ``p`` and scale the rest by 1 / (1 - p).
+
+    x: (B, nh, T, N); keys: (nh, 2), one per head, so a head's mask is the same whether its head is
+    computed alone or with the others.
+    """
+    B, _, T, N = x.shape
+    keep = mx.concatenate([mx.random.bernoulli(1 - p, (B, 1, T, N), key=k) for k in keys], axis=1)
     return mx.where(keep, x * (1 / (1 - p)), 0)
 
 
-def random_key():
-    """A key drawn from MLX's global random state, so a compiled step over ``mx.random.state`` replays it."""
-    return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+def random_keys(n: int):
+    """n keys drawn from MLX's global random state, so a compiled step over ``mx.random.state`` replays them."""
+    return mx.random.randint(0, 2**31 - 1, (n, 2)).astype(mx.uint32)
 
 
-def sparse_neurons(v, encoder, encoder_v, decoder, cos, sin, key, attend, p_drop):
+def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop):
     """The N-wide part of a layer, for the heads of ``encoder``: concat_heads(xy) @ decoder (before its LN), x, y.
 
-    v: (B, 1, T, D); decoder: the rows of these heads. ``attend(qr, v)`` is the attention form; ``key``
-    draws the dropout mask (None: no dropout). A pure function of its arrays, so it can be recomputed.
+    v: (B, 1, T, D); decoder: the rows of these heads; ``keys``: their dropout keys (None: no dropout).
+    ``attend(qr, v)`` is the attention form. A pure function of its arrays, so it can be recomputed.
     """
     x = relu(v @ encoder)  # (B, nh, T, N)
     a = layer_norm(attend(rope(x, cos, sin), v))  # (B, nh, T, D)
     y = relu(a @ encoder_v)  # (B, nh, T, N)
-    xy = x * y if key is None else dropout(x * y, p_drop, key)
+    xy = x * y if keys is None else dropout(x * y, p_drop, keys)
     # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
     per_head = decoder.reshape(encoder.shape[0], -1, decoder.shape[-1])
     return (xy @ per_head).sum(axis=1, keepdims=True), x, y
@@ -280,6 +285,12 @@ class BDH(nn.Module):
             form = "parallel" if T <= 4 * self.config.chunk_size else "chunked"
         return parallel_attention if form == "parallel" else lambda qr, v: self._chunked(qr, v, None)[0]
 
+    def _checkpointed_head(self, h, neurons, v, encoder, encoder_v, decoder, keys):
+        """Head h's ``neurons`` (its weights, decoder rows and dropout key), recomputed in the backward pass."""
+        N, head = self.config.n_neurons, slice(h, h + 1)
+        fn = partial(neurons, keys=None if keys is None else keys[head])
+        return checkpoint(fn, v, encoder[head], encoder_v[head], decoder[h * N : (h + 1) * N])
+
     def _chunked(self, qr, v, state):
         return chunked_attention(qr, v, state, self.config.chunk_size)
 
@@ -301,21 +312,15 @@ class BDH(nn.Module):
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
         for layer in range(c.n_layer):
             attend = self._attend(T, cache, layer)
-            key = random_key() if self.training and c.dropout > 0 else None
+            keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout)
+            weights = (encoder, encoder_v, decoder)
             if attend is parallel_attention or cache is not None or activations is not None:
-                u, x, y = neurons(v, encoder, encoder_v, decoder, key=key)
+                u, x, y = neurons(v, *weights, keys)
                 if activations is not None:
                     activations.append({"x": x, "y": y})
-            else:
-                # Long sequences: one head at a time, keeping only v and recomputing in the backward pass.
-                keys = [None] * c.n_head if key is None else mx.random.split(key, c.n_head)
-                heads = [slice(h, h + 1) for h in range(c.n_head)]
-                rows = [slice(h * c.n_neurons, (h + 1) * c.n_neurons) for h in range(c.n_head)]
-                u = sum(
-                    checkpoint(partial(neurons, key=k), v, encoder[h], encoder_v[h], decoder[r])
-                    for k, h, r in zip(keys, heads, rows, strict=True)
-                )
+            else:  # long sequences: one head at a time, recomputed in the backward pass
+                u = sum(self._checkpointed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
             v = layer_norm(v + layer_norm(u))
         logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
 

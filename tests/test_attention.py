@@ -71,7 +71,7 @@ def test_chunked_continues_a_state(inputs):
 
 def tiny_model(**overrides):
     mx.random.seed(1)
-    model = BDH(BDHConfig.from_preset("tiny", dropout=0.0, **overrides))
+    model = BDH(BDHConfig.from_preset("tiny", **{"dropout": 0.0, **overrides}))
     model.eval()
     return model
 
@@ -108,19 +108,33 @@ def test_auto_switches_to_chunked_for_long_sequences():
     assert_close(model(idx)[0], tiny_model(attention="parallel")(idx)[0], "auto")
 
 
-def test_chunked_gradients_equal_parallel_gradients():
+def loss_and_gradients(form, train=False, **overrides):
+    """Loss and gradients of a tiny model on 2 x 64 tokens; the random state is seeded first."""
     data = mx.random.randint(0, 256, (2, 65), key=mx.random.key(4))
-    idx, targets = data[:, :-1], data[:, 1:]
-    grads = {}
-    for form in ("parallel", "chunked"):
-        model = tiny_model(attention=form, chunk_size=10)
-        loss, g = nn.value_and_grad(model, lambda m, x, y: m(x, y)[1])(model, idx, targets)
-        grads[form] = (loss, dict(tree_flatten(g)))
-    (loss_p, grad_p), (loss_c, grad_c) = grads["parallel"], grads["chunked"]
-    assert abs(loss_p.item() - loss_c.item()) < TOL
-    for name, g in grad_p.items():
-        err = float(mx.linalg.norm(grad_c[name] - g) / mx.linalg.norm(g))
+    model = tiny_model(attention=form, chunk_size=10, **overrides).train(train)
+    mx.random.seed(7)
+    loss, grads = nn.value_and_grad(model, lambda m, x, y: m(x, y)[1])(model, data[:, :-1], data[:, 1:])
+    return loss.item(), dict(tree_flatten(grads))
+
+
+def assert_same_gradients(got, want):
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert abs(loss - want_loss) < TOL
+    for name, g in want_grads.items():
+        err = float(mx.linalg.norm(grads[name] - g) / mx.linalg.norm(g))
         assert err < TOL, f"{name}: relative gradient error {err:.3g}"
+
+
+def test_chunked_gradients_equal_parallel_gradients():
+    """The chunked form recomputes each head in the backward pass: the gradients do not change."""
+    assert_same_gradients(loss_and_gradients("chunked"), loss_and_gradients("parallel"))
+
+
+def test_recomputed_heads_redraw_the_same_dropout():
+    """With dropout, the recomputed heads redraw the forward pass's masks: the parallel form's gradients."""
+    chunked = loss_and_gradients("chunked", train=True, dropout=0.5)
+    assert abs(chunked[0] - loss_and_gradients("chunked")[0]) > 1e-3  # dropout is on
+    assert_same_gradients(chunked, loss_and_gradients("parallel", train=True, dropout=0.5))
 
 
 @pytest.mark.parametrize("name", NAMES)
