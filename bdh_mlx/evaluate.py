@@ -13,28 +13,12 @@ from . import checkpoint
 from .cli import ArgumentParser, positive_int, run_command
 from .data import add_data_arguments, eval_batches, load_corpus
 from .model import BDH
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+from .utils import COMPUTE_DTYPES, eval_mode
 
 
 def default_cache_dir(run_dir) -> Path:
     """Encoded corpora are cached beside the run folders, so later runs and resumes reuse them."""
     return Path(run_dir).parent / "data_cache"
-
-
-class eval_mode:
-    """``with eval_mode(model):`` dropout off inside, the previous mode restored after."""
-
-    def __init__(self, model: BDH):
-        self.model = model
-
-    def __enter__(self):
-        self.training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.training)
 
 
 def evaluate_loss(model: BDH, batches: np.ndarray) -> tuple:
@@ -72,7 +56,8 @@ def add_eval_arguments(parser):
     parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default: 32)")
     parser.add_argument("--eval-batches", type=positive_int, default=20,
                         help="validation batches, fixed evenly spaced crops (default: 20)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="float32",
+                        help="compute dtype (default: float32)")
 
 
 def build_parser():
@@ -85,7 +70,7 @@ def build_parser():
 
 def run(args):
     model = checkpoint.load(args.checkpoint)
-    model.set_compute_dtype(DTYPES[args.dtype])
+    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     cache_dir = args.cache_dir or default_cache_dir(Path(args.checkpoint).resolve().parent)
     corpus = load_corpus(args, cache_dir)
     corpus.check_block_size(args.block_size)

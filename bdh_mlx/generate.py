@@ -22,9 +22,9 @@ from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_
 from .errors import BDHError
 from .model import BDH
 from .sample_utils import make_logits_processors, make_sampler
+from .utils import COMPUTE_DTYPES, eval_mode
 
 DEFAULT_PREFILL_CHUNK = 512
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
 @dataclass
@@ -122,9 +122,7 @@ def _batch_steps(
         key, subkey = mx.random.split(key)
         return sampler(logprobs, key=subkey), logprobs, key
 
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         total, done = sum(map(len, prompts)), 0
 
         def progress(n):
@@ -145,8 +143,6 @@ def _batch_steps(
                 y, logprobs, key = sample(logits[:, -1], history, key)
                 mx.async_eval(y, logprobs, *cache.state)
             yield current
-    finally:
-        model.train(training)
 
 
 def generate_step(model: BDH, prompt_tokens, **kwargs) -> Generator:
@@ -280,7 +276,7 @@ def build_parser():
     p.add_argument("--repetition-context-size", type=positive_int, default=20, help="bytes it looks back")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (not printed); repeatable")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32", help="compute dtype (default float32)")
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt bytes per step")
     p.add_argument("--save-cache", default=None, help="save the state after the prompt to this .npz")
     p.add_argument("--load-cache", default=None, help="start from a saved state; the prompt continues it")
@@ -294,7 +290,7 @@ def run(args):
         prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     model = load(args.checkpoint)
     tokens = encode_prompt(prompt, model.config.vocab_size)
-    model.set_compute_dtype(DTYPES[args.dtype])
+    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
 
     def save_prompt_cache(done, total):

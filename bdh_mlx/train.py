@@ -27,9 +27,9 @@ from . import checkpoint
 from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_command
 from .data import BatchSampler, add_data_arguments, eval_batches, load_corpus
 from .errors import BDHError, CheckpointError, ConfigError
-from .evaluate import DTYPES, add_eval_arguments, default_cache_dir, eval_mode, evaluate
+from .evaluate import add_eval_arguments, default_cache_dir, evaluate
 from .model import BDH, BDHConfig
-from .utils import atomic_savez, atomic_write, atomic_write_text, read_npz
+from .utils import COMPUTE_DTYPES, atomic_savez, atomic_write, atomic_write_text, eval_mode, read_npz
 
 PROG = "bdh-mlx train"
 DEFAULT_PRESET = "25m"
@@ -425,7 +425,7 @@ def train(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     saved_args = {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "config")}
-    model.set_compute_dtype(DTYPES[args.dtype])
+    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
     sampler = BatchSampler(corpus.train, args.batch_size, args.block_size, args.seed)

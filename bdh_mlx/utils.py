@@ -4,9 +4,27 @@ import os
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
+
+COMPUTE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+class eval_mode:
+    """``with eval_mode(model):`` dropout off inside, the previous mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
 
 
 def _umask() -> int:

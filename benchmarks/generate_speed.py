@@ -13,8 +13,9 @@ import time
 
 import mlx.core as mx
 
-from bdh_mlx.generate import DTYPES, generate_step, prefill
+from bdh_mlx.generate import generate_step, prefill
 from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.utils import COMPUTE_DTYPES
 
 
 def decode_seconds_per_token(model, cache, token, n_tokens, repeats):
@@ -48,12 +49,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="decoding runs per context (the best is kept)")
     p.add_argument("--recompute-max", type=int, default=4096, help="longest context to time recomputation at")
     p.add_argument("--prefill-chunk", type=int, default=1024)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32")
     args = p.parse_args()
 
     config = BDHConfig.from_preset(args.preset, dropout=0.0)
     mx.random.seed(0)
-    model = BDH(config).set_compute_dtype(DTYPES[args.dtype])
+    model = BDH(config).set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     model.eval()
     mx.eval(model.parameters())
     contexts = sorted(args.contexts)
