@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -60,6 +61,8 @@ def read_npz(path, what: str = "file") -> dict:
         raise CheckpointError(f"{path}: no such {what}")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable .npz {what} (not a zip archive: a different file, or truncated)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}

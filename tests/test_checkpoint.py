@@ -88,7 +88,8 @@ CONFIG_JSON = json.dumps(TINY.to_dict())
 BAD_CHECKPOINTS = {
     "missing": (lambda p, m: None, "no such checkpoint file"),
     "directory": (lambda p, m: p.mkdir(), "not a file"),
-    "corrupt": (lambda p, m: p.write_bytes(b"\x00garbage" * 64), "not a readable .npz checkpoint"),
+    "corrupt": (lambda p, m: p.write_bytes(b"\x00garbage" * 64), "not a readable .npz checkpoint file (not a zip"),
+    "text file": (lambda p, m: p.write_text('{"step": 1}\n'), "not a readable .npz checkpoint file (not a zip"),
     "truncated": (truncated, "not a readable .npz checkpoint"),
     "foreign": (lambda p, m: np.savez(p, a=np.zeros(3)), f"not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)"),
     "shapes": (
