@@ -1,10 +1,7 @@
-"""``bdh-mlx <command>``: a thin dispatcher over the command modules, each with a ``main()``."""
+"""``bdh-mlx <command>``: a thin dispatcher over the command modules, each with a ``main(argv) -> int``."""
 
-import argparse
 import importlib
 import sys
-
-from .errors import BDHError
 
 COMMANDS = {
     "train": ("bdh_mlx.train", "train a model (or resume a run)"),
@@ -15,58 +12,16 @@ COMMANDS = {
 }
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def usage() -> str:
+    lines = [f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items()]
+    return ("usage: bdh-mlx <command> [options]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n'bdh-mlx <command> --help' lists a command's options; 'bdh-mlx --version' prints the version.")
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
-def run_command(prog, run, args):
-    """Run ``run(args)``; report a BDHError or Ctrl-C as one line and exit non-zero."""
-    try:
-        return run(args)
-    except BDHError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        lines = [f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items()]
-        print("usage: bdh-mlx <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from . import __version__
@@ -76,8 +31,7 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         print(f"bdh-mlx: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
 
 
 if __name__ == "__main__":

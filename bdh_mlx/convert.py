@@ -7,15 +7,14 @@ The mapping itself is plain numpy (``from_torch_state_dict``, ``to_torch_state_d
 torch is imported only to read and write ``.pt`` files.
 """
 
-import argparse
 import math
 import pickle
 from pathlib import Path
 
 import numpy as np
 
+from .arguments import ArgumentParser, number_in, positive_int, run_command
 from .checkpoint import check_weights, read_checkpoint, save_weights, weight_shapes
-from .cli import ArgumentParser, positive_int, run_command
 from .errors import BDHError, CheckpointError
 from .model import BDHConfig, rope_frequencies
 from .utils import atomic_write
@@ -146,13 +145,6 @@ def mlx_to_torch(src, out) -> BDHConfig:
     return config
 
 
-def dropout_rate(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def build_parser():
     parser = ArgumentParser(prog="bdh-mlx convert", description="Convert to and from the official PyTorch state_dict.")
     direction = parser.add_mutually_exclusive_group(required=True)
@@ -160,7 +152,8 @@ def build_parser():
     direction.add_argument("--to-torch", type=Path, metavar="NPZ", help="bdh-mlx checkpoint (.npz) to convert")
     parser.add_argument("--out", type=Path, required=True, help="file to write")
     parser.add_argument("--n-layer", type=positive_int, help="recurrent depth, not stored in a state_dict (default 6)")
-    parser.add_argument("--dropout", type=dropout_rate, help="dropout for further training (default 0.1)")
+    parser.add_argument("--dropout", type=number_in(0, 1, hi_open=True),
+                        help="dropout for further training (default 0.1)")
     return parser
 
 
@@ -184,9 +177,13 @@ def run(args):
     )
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.to_torch and _from_torch_options(args):
         parser.error("--n-layer and --dropout apply only to --from-torch")
-    return run_command(parser.prog, run, args)
+    return args
+
+
+def main(argv=None) -> int:
+    return run_command("bdh-mlx convert", parse_args, run, argv)

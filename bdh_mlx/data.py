@@ -49,11 +49,16 @@ def add_data_arguments(parser):
                         "or parquet / JSON lines / text files")
     group.add_argument("--val-data", metavar="PATH", help="validation file/folder/glob (default: last 10%% of --data)")
     group.add_argument("--text-field", help="dataset column holding the text (default: the only string column)")
-    group.add_argument("--split", default="train", help="dataset split to train on (default: train)")
+    group.add_argument("--split", default="train", help="dataset split to read")
     group.add_argument("--val-split", help="dataset split for validation (default: the last 10%% of --split)")
     group.add_argument("--cache-dir", metavar="DIR", help="where encoded byte files are cached "
                        "(default: data_cache/ beside the run folder)")
     return group
+
+
+def default_cache_dir(run_dir) -> Path:
+    """Encoded corpora are cached beside the run folders, so later runs and resumes reuse them."""
+    return Path(run_dir).parent / "data_cache"
 
 
 def default_corpus_bytes() -> bytes:

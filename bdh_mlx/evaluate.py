@@ -10,15 +10,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import checkpoint
-from .cli import ArgumentParser, positive_int, run_command
-from .data import add_data_arguments, eval_batches, load_corpus
+from .arguments import ArgumentParser, add_batch_arguments, positive_int, run_command
+from .data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
 from .model import BDH
 from .utils import COMPUTE_DTYPES, eval_mode
-
-
-def default_cache_dir(run_dir) -> Path:
-    """Encoded corpora are cached beside the run folders, so later runs and resumes reuse them."""
-    return Path(run_dir).parent / "data_cache"
 
 
 def evaluate_loss(model: BDH, batches: np.ndarray) -> tuple:
@@ -51,18 +46,15 @@ def evaluate(model: BDH, batches: np.ndarray) -> dict:
 
 
 def add_eval_arguments(parser):
-    """Batch shape of the fixed validation set, shared by ``train`` and ``eval``."""
-    parser.add_argument("--block-size", type=positive_int, default=512, help="bytes per sequence (default: 512)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default: 32)")
+    """The size of the fixed validation set, shared by ``train`` and ``eval``."""
     parser.add_argument("--eval-batches", type=positive_int, default=20,
-                        help="validation batches, fixed evenly spaced crops (default: 20)")
-    parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="float32",
-                        help="compute dtype (default: float32)")
+                        help="validation batches, fixed evenly spaced crops")
 
 
 def build_parser():
     parser = ArgumentParser(prog="bdh-mlx eval", description="Validation loss and bits per byte of a checkpoint.")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint")
+    add_batch_arguments(parser)
     add_eval_arguments(parser)
     add_data_arguments(parser)
     return parser
@@ -85,7 +77,5 @@ def run(args):
     return metrics
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    run_command("bdh-mlx eval", run, args)
-    return 0
+def main(argv=None) -> int:
+    return run_command("bdh-mlx eval", build_parser().parse_args, run, argv)

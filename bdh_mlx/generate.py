@@ -7,7 +7,6 @@ the cache is a fixed-size state per layer. Tokens are raw bytes, decoded to UTF-
 Command line: ``bdh-mlx generate --checkpoint CKPT.npz --prompt TEXT [options]``.
 """
 
-import argparse
 import codecs
 import sys
 import time
@@ -16,9 +15,19 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .arguments import (
+    ArgumentParser,
+    add_dtype_argument,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    positive_float,
+    positive_int,
+    run_command,
+    seed_int,
+)
 from .cache import BDHCache
 from .checkpoint import load
-from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_command
 from .errors import BDHError
 from .model import BDH
 from .sample_utils import make_logits_processors, make_sampler
@@ -243,43 +252,32 @@ def batch_generate(model: BDH, prompts: list, max_tokens: int = 256, stop: Itera
 # --- Command line ------------------------------------------------------------------
 
 
-def fraction(text):
-    """A number in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def positive_fraction(text):
-    """A number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def build_parser():
     p = ArgumentParser(
         prog="bdh-mlx generate",
         description="Continue a prompt with a trained model: the prompt and the continuation go to stdout, "
         "the statistics to stderr.",
     )
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.npz)")
-    p.add_argument("--prompt", required=True, help="text to continue; '-' reads standard input")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="bytes to generate (default 256)")
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 is greedy (default 1.0)")
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
-    p.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus sampling, in (0, 1] (1: off)")
-    p.add_argument("--min-p", type=fraction, default=0.0, help="min-p sampling, in [0, 1] (0: off)")
-    p.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (default off)")
-    p.add_argument("--repetition-context-size", type=positive_int, default=20, help="bytes it looks back")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT",
+                   help="model checkpoint (.npz); --model is the mlx-lm spelling")
+    p.add_argument("--prompt", "-p", required=True, help="text to continue; '-' reads standard input")
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=256, help="bytes to generate")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--temperature", "--temp", type=non_negative_float, default=1.0, help="0 is greedy")
+    sampling.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
+    sampling.add_argument("--top-p", type=number_in(0, 1, lo_open=True), default=1.0,
+                          help="nucleus sampling, in (0, 1] (1: off)")
+    sampling.add_argument("--min-p", type=number_in(0, 1), default=0.0, help="min-p sampling, in [0, 1] (0: off)")
+    sampling.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (off if not given)")
+    sampling.add_argument("--repetition-context-size", type=positive_int, default=20,
+                          help="bytes the repetition penalty looks back")
+    sampling.add_argument("--seed", type=seed_int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (not printed); repeatable")
-    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32", help="compute dtype (default float32)")
+    add_dtype_argument(p)
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt bytes per step")
-    p.add_argument("--save-cache", default=None, help="save the state after the prompt to this .npz")
-    p.add_argument("--load-cache", default=None, help="start from a saved state; the prompt continues it")
+    p.add_argument("--save-cache", default=None, metavar="NPZ", help="save the state after the prompt to this file")
+    p.add_argument("--load-cache", default=None, metavar="NPZ",
+                   help="start from a saved state; the prompt continues it")
     return p
 
 
@@ -314,9 +312,8 @@ def run(args):
     )
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return run_command("bdh-mlx generate", run, args)
+def main(argv=None) -> int:
+    return run_command("bdh-mlx generate", build_parser().parse_args, run, argv)
 
 
 if __name__ == "__main__":

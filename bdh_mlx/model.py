@@ -3,6 +3,15 @@
 Spec: Kosowski et al., "The Dragon Hatchling" (arXiv:2509.26507) and the official
 PyTorch code. One set of weights is applied ``n_layer`` times; attention is linear
 (no softmax) with Q = K = RoPE(x), so it can also be carried as a fixed-size state.
+
+Names here and in the official ``bdh.py``:
+
+    here  official   what
+    v     x          the residual stream, LN'd: (B, 1, T, D)
+    x     x_sparse   relu(v @ encoder): the sparse neurons, (B, nh, T, N)
+    a     yKV        the attention read, LN'd: (B, nh, T, D)
+    y     y_sparse   relu(a @ encoder_v)
+    u     yMLP       concat_heads(x * y) @ decoder, LN'd: (B, 1, T, D)
 """
 
 import math
@@ -203,21 +212,23 @@ def random_keys(n: int):
 
 
 def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop):
-    """The N-wide part of a layer, for the heads of ``encoder``: concat_heads(xy) @ decoder (before its LN), x, y.
+    """The N-wide part of a layer for the heads of ``encoder``: ``(u before its LN, x, y, attention state)``.
 
     v: (B, 1, T, D); decoder: the rows of these heads; ``keys``: their dropout keys (None: no dropout).
-    ``attend(qr, v)`` is the attention form. A pure function of its arrays, so it can be recomputed.
+    ``attend(qr, v) -> (out, state)`` is the attention form. A pure function of its arrays, so it can
+    be recomputed in the backward pass.
     """
     x = relu(v @ encoder)  # (B, nh, T, N)
-    a = layer_norm(attend(rope(x, cos, sin), v))  # (B, nh, T, D)
+    read, state = attend(rope(x, cos, sin), v)
+    a = layer_norm(read)  # (B, nh, T, D)
     y = relu(a @ encoder_v)  # (B, nh, T, N)
     xy = x * y if keys is None else dropout(x * y, p_drop, keys)
     # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
     per_head = decoder.reshape(encoder.shape[0], -1, decoder.shape[-1])
-    return (xy @ per_head).sum(axis=1, keepdims=True), x, y
+    return (xy @ per_head).sum(axis=1, keepdims=True), x, y, state
 
 
-def checkpoint(fn, *inputs):
+def recompute_in_backward(fn, *inputs):
     """``fn(*inputs)[0]``, keeping only the inputs: ``fn`` is recomputed in the backward pass.
 
     Like mx.checkpoint, but the first input's gradient is passed on only once the others' are taken,
@@ -270,29 +281,28 @@ class BDH(nn.Module):
         c = self.config
         return BDHCache.empty(batch_size, c.n_layer, c.n_head, c.n_neurons, c.n_embd)
 
-    def _attend(self, T, cache, layer):
-        """The attention form for T tokens, as ``attend(qr, v) -> out``; with ``cache``, it advances the cache."""
-        if cache is not None:
-
-            def attend(qr, v):
-                form = recurrent_attention_step if T == 1 else self._chunked
-                out, cache.states[layer] = form(qr, v, cache.states[layer])
-                return out
-
-            return attend
+    def attention_form(self, T: int, cached: bool) -> str:
+        """``"step"`` (one token through a cache), ``"chunked"`` or ``"parallel"`` for T tokens."""
+        if cached:
+            return "step" if T == 1 else "chunked"
         form = self.config.attention
         if form == "auto":
             form = "parallel" if T <= 4 * self.config.chunk_size else "chunked"
-        return parallel_attention if form == "parallel" else lambda qr, v: self._chunked(qr, v, None)[0]
+        return form
 
-    def _checkpointed_head(self, h, neurons, v, encoder, encoder_v, decoder, keys):
+    def attend(self, form: str, qr, v, state=None):
+        """The attention of ``form``: ``(out, state after the last token)``; the parallel form keeps no state."""
+        if form == "step":
+            return recurrent_attention_step(qr, v, state)
+        if form == "chunked":
+            return chunked_attention(qr, v, state, self.config.chunk_size)
+        return parallel_attention(qr, v), None
+
+    def _recomputed_head(self, h, neurons, v, encoder, encoder_v, decoder, keys):
         """Head h's ``neurons`` (its weights, decoder rows and dropout key), recomputed in the backward pass."""
         N, head = self.config.n_neurons, slice(h, h + 1)
         fn = partial(neurons, keys=None if keys is None else keys[head])
-        return checkpoint(fn, v, encoder[head], encoder_v[head], decoder[h * N : (h + 1) * N])
-
-    def _chunked(self, qr, v, state):
-        return chunked_attention(qr, v, state, self.config.chunk_size)
+        return recompute_in_backward(fn, v, encoder[head], encoder_v[head], decoder[h * N : (h + 1) * N])
 
     def __call__(self, idx, targets=None, cache: BDHCache | None = None, activations: list | None = None):
         """Logits (B, T, V) and the mean cross-entropy against ``targets`` (or None).
@@ -309,18 +319,24 @@ class BDH(nn.Module):
         positions = mx.arange(T) if cache is None else cache.offset[:, None, None] + mx.arange(T)
         cos, sin = rope_cos_sin(positions, self._freqs, dtype)  # (T, N) or (B, 1, T, N)
 
+        form = self.attention_form(T, cache is not None)
+        # Long training sequences: one head at a time, recomputed in the backward pass (memory O(T N D)).
+        recompute = self.training and form == "chunked" and activations is None
+        weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
         for layer in range(c.n_layer):
-            attend = self._attend(T, cache, layer)
+            state = None if cache is None else cache.states[layer]
+            attend = partial(self.attend, form, state=state)
             keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout)
-            weights = (encoder, encoder_v, decoder)
-            if attend is parallel_attention or cache is not None or activations is not None:
-                u, x, y = neurons(v, *weights, keys)
+            if recompute:
+                u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
+            else:
+                u, x, y, state = neurons(v, *weights, keys)
+                if cache is not None:
+                    cache.states[layer] = state
                 if activations is not None:
                     activations.append({"x": x, "y": y})
-            else:  # long sequences: one head at a time, recomputed in the backward pass
-                u = sum(self._checkpointed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
             v = layer_norm(v + layer_norm(u))
         logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .cli import ArgumentParser, run_command
+from .arguments import ArgumentParser, run_command
 from .errors import ConfigError, DataError
 
 
@@ -86,7 +86,5 @@ def run(args):
         print(path)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    run_command("bdh-mlx plot", run, args)
-    return 0
+def main(argv=None) -> int:
+    return run_command("bdh-mlx plot", build_parser().parse_args, run, argv)

@@ -24,10 +24,18 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from . import checkpoint
-from .cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_command
-from .data import BatchSampler, add_data_arguments, eval_batches, load_corpus
+from .arguments import (
+    ArgumentParser,
+    add_batch_arguments,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
+from .data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
 from .errors import BDHError, CheckpointError, ConfigError
-from .evaluate import add_eval_arguments, default_cache_dir, evaluate
+from .evaluate import add_eval_arguments, evaluate
 from .model import BDH, BDHConfig
 from .utils import COMPUTE_DTYPES, atomic_savez, atomic_write, atomic_write_text, eval_mode, read_npz
 
@@ -146,6 +154,7 @@ def build_parser():
     model.add_argument("--chunk-size", type=positive_int)
     model.add_argument("--init-from", metavar="CKPT", help="start from the weights (and config) of a checkpoint")
 
+    add_batch_arguments(p)
     opt = p.add_argument_group("optimisation (defaults: the official recipe)")
     add_eval_arguments(opt)
     opt.add_argument("--steps", type=positive_int, default=3000, help="total optimizer steps (default: 3000)")
@@ -532,6 +541,5 @@ def train(args):
     return record
 
 
-def main(argv=None):
-    run_command(PROG, lambda argv: train(parse_args(argv)), argv)
-    return 0
+def main(argv=None) -> int:
+    return run_command(PROG, parse_args, train, argv)

@@ -115,7 +115,8 @@ def run_convert(argv, capsys):
     "argv, message",
     [
         (["--from-torch", "m.pt", "--out", "x.npz", "--n-layer", "0"], "--n-layer: must be a positive integer, got 0"),
-        (["--from-torch", "m.pt", "--out", "x.npz", "--dropout", "1.5"], "--dropout: must be in [0, 1), got 1.5"),
+        (["--from-torch", "m.pt", "--out", "x.npz", "--dropout", "1.5"],
+         "--dropout: must be a number in [0, 1), got 1.5"),
         (["--from-torch", "m.pt", "--to-torch", "m.npz", "--out", "x"], "not allowed with argument --from-torch"),
         (["--out", "x"], "one of the arguments --from-torch --to-torch is required"),
         (["--from-torch", "m.pt"], "the following arguments are required: --out"),

@@ -49,9 +49,8 @@ def test_sparsity_counts_nonzero_activations(finished_run, corpus_file):
 
 
 def test_eval_bad_input(tmp_path, corpus_file, capsys):
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--checkpoint", str(tmp_path / "none.npz"), "--data", str(corpus_file)])
-    assert e.value.code == 2
+    code = evaluate.main(["--checkpoint", str(tmp_path / "none.npz"), "--data", str(corpus_file)])
+    assert code == 2
     assert capsys.readouterr().err == f"bdh-mlx eval: error: {tmp_path / 'none.npz'}: no such checkpoint file\n"
 
 
@@ -61,8 +60,7 @@ def test_plot_writes_pngs(finished_run, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(tmp_path / "charts" / n) for n in names]
     for name in names:
         assert (tmp_path / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit) as e:
-        plot.main([str(tmp_path)])
-    assert e.value.code == 2
+    code = plot.main([str(tmp_path)])
+    assert code == 2
     err = capsys.readouterr().err
     assert err == f"bdh-mlx plot: error: {tmp_path}: no metrics.jsonl (is it a bdh-mlx run folder?)\n"

@@ -155,10 +155,9 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, resume_corpus, one_go, monke
         return sample(self, n)
 
     monkeypatch.setattr(BatchSampler, "sample", interrupting_sample)
-    with pytest.raises(SystemExit) as e:
-        train.main([*RESUME_RUN, "--data", str(resume_corpus), "--out", str(out), "--steps", "16", "--eval-every", "0",
-                    "--save-every", "0"])
-    assert e.value.code == 130
+    code = train.main([*RESUME_RUN, "--data", str(resume_corpus), "--out", str(out), "--steps", "16",
+                       "--eval-every", "0", "--save-every", "0"])
+    assert code == 130
     err = capsys.readouterr().err
     assert f"stopped at step 6; saved {out / 'last.npz'}; continue with: bdh-mlx train --resume {out}" in err
     assert json.loads((out / "last.json").read_text())["step"] == 6
@@ -174,9 +173,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
     loss_fn = train.loss_fn
     monkeypatch.setattr(train, "loss_fn", lambda model, batch: loss_fn(model, batch) * float("nan"))
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(out), "--steps", "8"])
-    assert e.value.code == 2
+    code = train.main(["--resume", str(out), "--steps", "8"])
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("bdh-mlx train: resuming at step 4")
     assert err[1] == (f"bdh-mlx train: error: the loss became nan (grad norm nan) in steps 5-6; stopped, "
@@ -203,56 +201,52 @@ def test_init_from_and_config_file(tmp_path, corpus_file):
 # --- Bad input: one line, exit 2, nothing written --------------------------------------------
 
 
-def bad_input_cases(tmp_path):
+BAD_INPUT_CASES = [
+    (["--data", "empty.txt"], "empty.txt: the corpus is empty (0 bytes)"),
+    (["--data", "short.txt", "--block-size", "64"],
+     "short.txt: the validation part has 30 bytes, fewer than one block of block_size + 1 = 65 bytes"),
+    (["--data", "missing.txt"], "missing.txt: no such file or folder"),
+    (["--dataset", "nums"], "nums: no string column; pick the text with --text-field; columns: n (int64)"),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["--block-size", "-3"], "argument --block-size: must be a positive integer, got -3"),
+    (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
+    (["--preset", "huge"], "unknown preset 'huge'; valid presets: tiny, small, 25m, 100m"),
+    (["--resume", "norun"], "norun: no resume state (no last.json)"),
+    (["--config", "bad.toml"], "bad.toml: unknown option 'stepz'"),
+    (["--schedule", "cosine", "--warmup-steps", "10", "--steps", "10"], "leaves no steps for the cosine decay"),
+    (["--wandb", "proj"], "--wandb needs the wandb package: pip install wandb"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT_CASES, ids=[" ".join(a) for a, _ in BAD_INPUT_CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, monkeypatch, capsys):
     import datasets
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "short.txt").write_bytes(b"x" * 300)
     datasets.Dataset.from_dict({"n": [1, 2, 3]}).save_to_disk(str(tmp_path / "nums"))
     (tmp_path / "norun").mkdir()
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
-    return [
-        (["--data", "empty.txt"], "empty.txt: the corpus is empty (0 bytes)"),
-        (["--data", "short.txt", "--block-size", "64"],
-         "short.txt: the validation part has 30 bytes, fewer than one block of block_size + 1 = 65 bytes"),
-        (["--data", "missing.txt"], "missing.txt: no such file or folder"),
-        (["--dataset", "nums"], "nums: no string column; pick the text with --text-field; columns: n (int64)"),
-        (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
-        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
-        (["--block-size", "-3"], "argument --block-size: must be a positive integer, got -3"),
-        (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
-        (["--preset", "huge"], "unknown preset 'huge'; valid presets: tiny, small, 25m, 100m"),
-        (["--resume", "norun"], "norun: no resume state (no last.json)"),
-        (["--config", "bad.toml"], "bad.toml: unknown option 'stepz'"),
-        (["--schedule", "cosine", "--warmup-steps", "10", "--steps", "10"], "leaves no steps for the cosine decay"),
-        (["--wandb", "proj"], "--wandb needs the wandb package: pip install wandb"),
-    ]
-
-
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    cases = bad_input_cases(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as e:
-            train.main(["--preset", "tiny", "--block-size", "32", *argv])
-        err = capsys.readouterr().err
-        assert e.value.code == 2, argv
-        assert err.count("\n") == 1 and err.startswith("bdh-mlx train: error: "), err
-        assert message in err, (message, err)
-        assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # no run folder, no cache
-        assert not any((tmp_path / "norun").iterdir())
+    code = train.main(["--preset", "tiny", "--block-size", "32", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("bdh-mlx train: error: "), err
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no cache
+    assert not any((tmp_path / "norun").iterdir())
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, corpus_file, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("precious\n")
-    with pytest.raises(SystemExit) as e:
-        train.main([*TINY_RUN, "--data", str(corpus_file), "--out", str(out)])
-    assert e.value.code == 2
+    code = train.main([*TINY_RUN, "--data", str(corpus_file), "--out", str(out)])
+    assert code == 2
     assert capsys.readouterr().err == (f"bdh-mlx train: error: {out} already holds a run; continue it with "
                                        f"--resume {out}, or choose another --out\n")
     assert [p.name for p in out.iterdir()] == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "precious\n"
