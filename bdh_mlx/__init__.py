@@ -3,7 +3,9 @@
 from .cache import BDHCache
 from .checkpoint import load, save
 from .errors import BDHError, CheckpointError, ConfigError, DataError
+from .generate import batch_generate, generate, generate_step, stream_generate
 from .model import BDH, PRESETS, BDHConfig
+from .sample_utils import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,12 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PRESETS",
+    "batch_generate",
+    "generate",
+    "generate_step",
     "load",
+    "make_logits_processors",
+    "make_sampler",
     "save",
+    "stream_generate",
 ]

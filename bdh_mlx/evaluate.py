@@ -16,33 +16,53 @@ from .model import BDH
 from .utils import COMPUTE_DTYPES, eval_mode
 
 
-def evaluate_loss(model: BDH, batches: np.ndarray) -> tuple:
-    """Mean cross-entropy over ``batches`` (n, B, T + 1) with dropout off, and bits per byte (= loss / ln 2)."""
+def next_byte_loss(model: BDH, batch) -> mx.array:
+    """Mean next-byte cross-entropy of a (B, T + 1) batch of bytes."""
+    batch = batch.astype(mx.int32)
+    return model(batch[:, :-1], batch[:, 1:])[1]
+
+
+def _rows(batch: np.ndarray, group):
+    """This process's equal share of the rows of ``batch`` (all of them without a group)."""
+    if group is None:
+        return batch
+    n = batch.shape[0] // group.size()
+    return batch[group.rank() * n : (group.rank() + 1) * n]
+
+
+def _mean_over(value: mx.array, group) -> mx.array:
+    return value if group is None else mx.distributed.all_sum(value, group=group) / group.size()
+
+
+def evaluate_loss(model: BDH, batches: np.ndarray, loss=next_byte_loss, group=None) -> tuple:
+    """Mean ``loss`` over ``batches`` (n, B, T + 1) with dropout off, and bits per byte (= loss / ln 2).
+
+    With a distributed ``group``, each process takes its share of every batch's rows.
+    """
     total = mx.array(0.0)
     with eval_mode(model):
         for batch in batches:
-            batch = mx.array(batch, dtype=mx.int32)
-            total = total + model(batch[:, :-1], batch[:, 1:])[1]
+            total = total + loss(model, mx.array(_rows(batch, group)))
             mx.eval(total)
-    loss = total.item() / len(batches)
-    return loss, loss / math.log(2)
+    mean = _mean_over(total, group).item() / len(batches)
+    return mean, mean / math.log(2)
 
 
-def activation_sparsity(model: BDH, batch: np.ndarray) -> tuple:
+def activation_sparsity(model: BDH, batch: np.ndarray, group=None) -> tuple:
     """Per layer, the fraction of non-zero entries of x and of y on one batch (B, T + 1), dropout off."""
     activations = []
     with eval_mode(model):
-        model(mx.array(batch[:, :-1], dtype=mx.int32), activations=activations)
-    x = mx.stack([mx.mean(a["x"] > 0) for a in activations])
-    y = mx.stack([mx.mean(a["y"] > 0) for a in activations])
+        model(mx.array(_rows(batch, group)[:, :-1], dtype=mx.int32), activations=activations)
+    x = _mean_over(mx.stack([mx.mean(a["x"] > 0) for a in activations]), group)
+    y = _mean_over(mx.stack([mx.mean(a["y"] > 0) for a in activations]), group)
     return x.tolist(), y.tolist()
 
 
-def evaluate(model: BDH, batches: np.ndarray) -> dict:
+def evaluate(model: BDH, batches: np.ndarray, group=None, loss=next_byte_loss) -> dict:
     """Validation loss, bits per byte and per-layer sparsity of x and y."""
-    loss, bpb = evaluate_loss(model, batches)
-    sparsity_x, sparsity_y = activation_sparsity(model, batches[0])
-    return {"val_loss": loss, "val_bpb": bpb, "sparsity_x": sparsity_x, "sparsity_y": sparsity_y}
+    val_loss, bpb = evaluate_loss(model, batches, loss, group)
+    sparsity_x, sparsity_y = activation_sparsity(model, batches[0], group)
+    return {"val_loss": val_loss, "val_bpb": bpb, "sparsity_x": sparsity_x, "sparsity_y": sparsity_y}
 
 
 def add_eval_arguments(parser):

@@ -108,8 +108,12 @@ def _batch_steps(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     seed: int | None = None,
     prompt_progress_callback: Callable | None = None,
+    prompt_logits: mx.array | None = None,
 ) -> Generator:
-    """Yield ``(tokens (B,), logprobs (B, V))`` for a batch of token lists, decoded in lockstep."""
+    """Yield ``(tokens (B,), logprobs (B, V))`` for a batch of token lists, decoded in lockstep.
+
+    With ``prompt_logits`` (B, V), the prompts are already in ``cache`` (see ``prefill``): decoding starts at once.
+    """
     sampler = sampler or make_sampler(0.0)
     logits_processors = logits_processors or []
     if cache is None:
@@ -140,7 +144,10 @@ def _batch_steps(
             if prompt_progress_callback is not None:
                 prompt_progress_callback(done, total)
 
-        logits = _prefill_rows(model, prompts, cache, prefill_chunk, progress)
+        if prompt_logits is None:
+            logits = _prefill_rows(model, prompts, cache, prefill_chunk, progress)
+        else:
+            logits = prompt_logits
         y, logprobs, key = sample(logits, history, key)
         mx.async_eval(y, logprobs)
         for n in range(max_tokens):
@@ -154,17 +161,30 @@ def _batch_steps(
             yield current
 
 
+SAMPLING_ARGS = ("temperature", "top_p", "min_p", "top_k")
+
+
+def _with_sampler(kwargs: dict) -> dict:
+    """``kwargs`` with ``temperature``/``top_p``/``min_p``/``top_k`` (mlx-lm's keywords) made into a ``sampler``."""
+    given = {k: kwargs.pop(k) for k in SAMPLING_ARGS if k in kwargs}
+    if given:
+        if kwargs.get("sampler") is not None:
+            raise BDHError(f"give either sampler or {', '.join(given)}, not both")
+        kwargs["sampler"] = make_sampler(**given)
+    return kwargs
+
+
 def generate_step(model: BDH, prompt_tokens, **kwargs) -> Generator:
     """Yield ``(token, logprobs (V,))`` one at a time after ``prompt_tokens`` (a str, bytes or ints).
 
-    Keyword arguments: ``sampler`` (``sampler(logprobs, key=None)``; default greedy),
-    ``logits_processors``, ``max_tokens``, ``cache`` (advanced in place; it may already hold
-    a context, e.g. one loaded from disk), ``prefill_chunk``, ``seed`` (reproducible sampling
-    with explicit keys: the global ``mx.random`` state is left alone) and
-    ``prompt_progress_callback(processed, total)``.
+    Keyword arguments: ``sampler`` (``sampler(logprobs, key=None)``; default greedy) or mlx-lm's
+    ``temperature``, ``top_p``, ``min_p``, ``top_k``; ``logits_processors``, ``max_tokens``, ``cache``
+    (advanced in place; it may already hold a context, e.g. one loaded from disk), ``prompt_logits``
+    (the prompt is already in ``cache``), ``prefill_chunk``, ``seed`` (reproducible sampling with
+    explicit keys: the global ``mx.random`` state is left alone) and ``prompt_progress_callback(processed, total)``.
     """
     tokens = encode_prompt(prompt_tokens, model.config.vocab_size)
-    for y, logprobs in _batch_steps(model, [tokens], **kwargs):
+    for y, logprobs in _batch_steps(model, [tokens], **_with_sampler(kwargs)):
         yield y.item(), logprobs[0]
 
 
@@ -243,7 +263,7 @@ def batch_generate(model: BDH, prompts: list, max_tokens: int = 256, stop: Itera
     Each row is cut before its first stop string. Other keyword arguments as ``generate_step``.
     """
     rows = [encode_prompt(p, model.config.vocab_size) for p in prompts]
-    steps = [y for y, _ in _batch_steps(model, rows, max_tokens=max_tokens, **kwargs)]
+    steps = [y for y, _ in _batch_steps(model, rows, max_tokens=max_tokens, **_with_sampler(kwargs))]
     columns = mx.stack(steps, axis=1).tolist() if steps else [[] for _ in rows]
     texts = [bytes(t if t < 256 else 0xFF for t in row).decode("utf-8", errors="replace") for row in columns]
     return [_split_at_stop(text, list(stop), final=True)[0] for text in texts]
@@ -282,21 +302,18 @@ def build_parser():
 
 
 def run(args):
-    if args.prompt == "-":
-        prompt = sys.stdin.buffer.read()
-    else:
-        prompt = args.prompt.encode("utf-8", errors="surrogateescape")
+    """Prefill the prompt, save the state if asked, then decode: prompt and text to stdout, statistics to stderr."""
+    prompt = sys.stdin.buffer.read() if args.prompt == "-" else args.prompt.encode("utf-8", errors="surrogateescape")
     model = load(args.checkpoint)
     tokens = encode_prompt(prompt, model.config.vocab_size)
     model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
-
-    def save_prompt_cache(done, total):
-        if args.save_cache is not None and done == total:
-            cache.save(args.save_cache)
-
     sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
     sys.stdout.flush()
+    with eval_mode(model):
+        logits = prefill(model, mx.array([tokens]), cache, args.prefill_chunk)
+    if args.save_cache is not None:
+        cache.save(args.save_cache)
     generate(
         model,
         tokens,
@@ -305,10 +322,9 @@ def run(args):
         sampler=make_sampler(args.temperature, args.top_p, args.min_p, args.top_k),
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         cache=cache,
-        prefill_chunk=args.prefill_chunk,
+        prompt_logits=logits,
         seed=args.seed,
         stop=args.stop,
-        prompt_progress_callback=save_prompt_cache,
     )
 
 

@@ -1,18 +1,20 @@
 """``bdh-mlx train``: a compiled AdamW training loop with evaluation, checkpoints and exact resume.
 
 The step follows mlx-lm: ``value_and_grad`` inside ``mx.compile`` over
-``[model.state, optimizer.state, mx.random.state]``; losses stay arrays and are read
-on logging steps only. A run folder holds ``metrics.jsonl``, ``step_0000500.npz``,
-``best.npz``, ``last.npz`` and, beside each resume point, ``*.optimizer.npz`` and ``*.json``.
+``[model.state, optimizer.state, mx.random.state]``; losses stay arrays and are read on
+logging steps only. Under ``mlx.launch -n N`` the global batch is split across N processes
+and the gradients are averaged inside the step (``mx.distributed``); rank 0 alone writes.
+The run folder is described in ``run_folder.py``.
 """
 
 import argparse
-import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint
@@ -32,12 +34,14 @@ from .arguments import (
     positive_float,
     positive_int,
     run_command,
+    seed_int,
 )
 from .data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
-from .errors import BDHError, CheckpointError, ConfigError
-from .evaluate import add_eval_arguments, evaluate
-from .model import BDH, BDHConfig
-from .utils import COMPUTE_DTYPES, atomic_savez, atomic_write, atomic_write_text, eval_mode, read_npz
+from .errors import BDHError, ConfigError
+from .evaluate import add_eval_arguments, evaluate, next_byte_loss
+from .model import ATTENTION_FORMS, BDH, PRESETS, BDHConfig
+from .run_folder import RunFolder
+from .utils import COMPUTE_DTYPES, eval_mode
 
 PROG = "bdh-mlx train"
 DEFAULT_PRESET = "25m"
@@ -50,8 +54,10 @@ MODEL_FLAGS = {  # argument name -> BDHConfig field
     "attention": "attention",
     "chunk_size": "chunk_size",
 }
-# What a resumed run may change; everything else comes from the run's own last.json.
-RESUME_FLAGS = {"resume", "steps", "eval_every", "save_every", "log_every", "sample_tokens", "wandb"}
+# Options that do not change what is computed: the only ones a resumed run may set.
+RESUMABLE = {"steps", "eval_every", "save_every", "log_every", "sample_tokens", "sample_prompt", "wandb",
+             "no_progress", "force"}
+NOT_SAVED = {"explicit", "resume", "config", "force"}  # options that are not part of a run's record
 
 
 class TrainingError(BDHError):
@@ -61,24 +67,24 @@ class TrainingError(BDHError):
 # --- The compiled step ---------------------------------------------------------------
 
 
-def loss_fn(model: BDH, batch):
-    """Mean next-byte cross-entropy of a (B, T + 1) batch of bytes."""
-    batch = batch.astype(mx.int32)
-    return model(batch[:, :-1], batch[:, 1:])[1]
+loss_fn = next_byte_loss  # the objective of ``bdh-mlx train``
 
 
 def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
 
 
-def make_train_step(model: BDH, optimizer: optim.Optimizer, grad_accum: int = 1, max_grad_norm: float | None = None):
-    """``step(batches) -> (loss, grad_norm)`` for batches (grad_accum, B, T + 1), and the state it compiles over.
+def make_train_step(model: BDH, optimizer: optim.Optimizer, grad_accum: int = 1, max_grad_norm: float | None = None,
+                    loss=loss_fn, group=None):
+    """``step(batches) -> (loss, grad_norm)`` for batches (grad_accum, B, ...), and the state it compiles over.
 
     Micro-batches accumulate gradients in a compiled step each (evaluated one by one, so memory
-    stays that of one micro-batch); the last one also clips and applies the AdamW update.
+    stays that of one micro-batch); the last one also averages over processes (``group``), clips
+    and applies the AdamW update. ``loss(model, batch)`` is the objective.
     """
     state = [model.state, optimizer.state, mx.random.state]
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, loss)
+    world = 1 if group is None else group.size()
 
     @partial(mx.compile, inputs=state, outputs=state)
     def accumulate(batch, acc):
@@ -92,6 +98,8 @@ def make_train_step(model: BDH, optimizer: optim.Optimizer, grad_accum: int = 1,
         loss, grads = accumulate(batch, acc)
         if grad_accum > 1:
             loss, grads = loss / grad_accum, tree_map(lambda g: g / grad_accum, grads)
+        if world > 1:
+            loss, grads = mx.distributed.all_sum(loss, group=group) / world, nn.average_gradients(grads, group=group)
         if max_grad_norm:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
@@ -128,58 +136,70 @@ def make_schedule(args):
 
 def make_optimizer(args) -> optim.AdamW:
     """AdamW with PyTorch semantics: bias-corrected moments, decoupled weight decay, eps 1e-8."""
-    return optim.AdamW(
-        learning_rate=make_schedule(args),
-        betas=[0.9, 0.999],
-        eps=1e-8,
-        weight_decay=args.weight_decay,
-        bias_correction=True,
-    )
+    return optim.AdamW(learning_rate=make_schedule(args), betas=[0.9, 0.999], eps=1e-8,
+                       weight_decay=args.weight_decay, bias_correction=True)
 
 
 # --- Arguments -----------------------------------------------------------------------
 
 
-def build_parser():
-    p = ArgumentParser(prog=PROG, description="Train a BDH model on raw bytes (or resume a run).", allow_abbrev=False)
-    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of option values; flags override it")
-    model = p.add_argument_group("model")
-    model.add_argument("--preset", help=f"tiny, small, 25m, 100m (default: {DEFAULT_PRESET})")
-    model.add_argument("--n-layer", type=positive_int)
-    model.add_argument("--n-embd", type=positive_int)
-    model.add_argument("--n-head", type=positive_int)
-    model.add_argument("--mlp-multiplier", type=positive_int, help="mlp_internal_dim_multiplier")
-    model.add_argument("--dropout", type=non_negative_float, help="(default: 0.1)")
-    model.add_argument("--attention", choices=["auto", "parallel", "chunked"])
-    model.add_argument("--chunk-size", type=positive_int)
+def add_model_arguments(parser):
+    model = parser.add_argument_group("model (default: the preset's values)")
+    model.add_argument("--preset", choices=list(PRESETS), help=f"model size (default: {DEFAULT_PRESET})")
+    model.add_argument("--n-layer", type=positive_int, help="times the shared layer is applied")
+    model.add_argument("--n-embd", type=positive_int, help="width D of the residual stream")
+    model.add_argument("--n-head", type=positive_int, help="heads; they split the neurons")
+    model.add_argument("--mlp-multiplier", type=positive_int, help="mlp_internal_dim_multiplier: N = m * D / heads")
+    model.add_argument("--dropout", type=non_negative_float, help="dropout on x * y (default: 0.1)")
+    model.add_argument("--attention", choices=ATTENTION_FORMS, help="auto: parallel for short blocks, chunked beyond "
+                       "4 chunks (default: auto)")
+    model.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of the chunked form (default: 256)")
     model.add_argument("--init-from", metavar="CKPT", help="start from the weights (and config) of a checkpoint")
 
-    add_batch_arguments(p)
-    opt = p.add_argument_group("optimisation (defaults: the official recipe)")
-    add_eval_arguments(opt)
-    opt.add_argument("--steps", type=positive_int, default=3000, help="total optimizer steps (default: 3000)")
-    opt.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    opt.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="(default: 0.1)")
-    opt.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
-    opt.add_argument("--warmup-steps", type=non_negative_int, default=0)
-    opt.add_argument("--decay-steps", type=positive_int, help="length of the decay (default: --steps)")
-    opt.add_argument("--min-lr", type=non_negative_float, default=0.0, help="learning rate at the end of the decay")
-    opt.add_argument("--grad-clip", type=positive_float, help="global-norm gradient clipping (default: off)")
-    opt.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default: 1)")
-    opt.add_argument("--seed", type=int, default=0)
 
-    run = p.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR", help="run folder (default: checkpoints_mlx/<run-name>/)")
-    run.add_argument("--run-name", help="(default: the start time)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.json; --steps: new total")
-    run.add_argument("--eval-every", type=non_negative_int, default=250, help="0: only at the end (default: 250)")
-    run.add_argument("--save-every", type=non_negative_int, default=1000, help="0: only last.npz (default: 1000)")
-    run.add_argument("--log-every", type=positive_int, default=10, help="steps between loss reads (default: 10)")
-    run.add_argument("--sample-tokens", type=non_negative_int, default=200, help="sample length at each evaluation")
-    run.add_argument("--sample-prompt", default="\n", help="prompt of the evaluation sample")
-    run.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (needs wandb installed)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+def add_optimizer_arguments(parser):
+    opt = parser.add_argument_group("optimisation (defaults: the official recipe)")
+    opt.add_argument("--steps", type=positive_int, default=3000, help="total optimizer steps")
+    opt.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW decoupled weight decay")
+    opt.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant",
+                     help="learning-rate decay after the warm-up")
+    opt.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up from 0")
+    opt.add_argument("--decay-steps", type=positive_int, help="steps until --min-lr (default: --steps)")
+    opt.add_argument("--min-lr", type=non_negative_float, default=0.0, help="learning rate at the end of the decay")
+    opt.add_argument("--grad-clip", type=positive_float, help="clip the global gradient norm to this (default: off)")
+    opt.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--seed", type=seed_int, default=0, help="seed of the weights, data order and dropout")
+
+
+def add_run_arguments(parser, default_eval_every=250, default_save_every=1000):
+    ev = parser.add_argument_group("evaluation")
+    add_eval_arguments(ev)
+    ev.add_argument("--eval-every", type=non_negative_int, default=default_eval_every,
+                    help="steps between evaluations; 0: only at the end")
+    ev.add_argument("--sample-tokens", type=non_negative_int, default=200, help="bytes sampled at each evaluation")
+    ev.add_argument("--sample-prompt", default="\n", help="prompt of the evaluation sample (default: a newline)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="run folder (default: checkpoints_mlx/<run-name>/)")
+    out.add_argument("--run-name", help="name of the run folder (default: the start time)")
+    out.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last resume point; --steps sets "
+                     "the new total")
+    out.add_argument("--save-every", type=non_negative_int, default=default_save_every,
+                     help="steps between kept checkpoints; 0: only last.npz")
+    out.add_argument("--log-every", type=positive_int, default=10, help="steps between loss reads")
+    out.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (needs wandb installed)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--force", action="store_true", help="start even if the memory estimate says it will not fit")
+
+
+def build_parser():
+    p = ArgumentParser(prog=PROG, description="Train a BDH model on raw bytes (or resume a run).")
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of option values; flags override it")
+    add_model_arguments(p)
     add_data_arguments(p)
+    add_batch_arguments(p)
+    add_optimizer_arguments(p)
+    add_run_arguments(p)
     return p
 
 
@@ -233,8 +253,8 @@ def explicit_options(parser, argv) -> set:
     return {a.dest for a in parser._actions if written.intersection(a.option_strings)}
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, build=build_parser):
+    parser = build()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.config is not None:
@@ -246,50 +266,23 @@ def parse_args(argv=None):
     return args
 
 
-# --- Run folder, resume state ----------------------------------------------------------
-
-
-def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(
-        (run_dir / name).exists() for name in ("last.json", "metrics.jsonl", "last.npz", "best.npz")
-    )
-
-
-def fresh_run_dir(args) -> Path:
-    name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) if args.out else Path("checkpoints_mlx") / name
-    if holds_run(run_dir):
-        raise ConfigError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out"
-        )
-    return run_dir
-
-
-def read_resume_state(run_dir: Path) -> dict:
-    path = run_dir / "last.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no resume state (no last.json); start a fresh run with --out instead")
-    try:
-        state = json.loads(path.read_text())
-        files = [run_dir / state["model"], run_dir / state["optimizer"]]
-        state["step"], state["args"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable resume state ({type(e).__name__}: {e})") from None
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{path}: refers to {f.name}, which is missing")
-    return state
+def check_args(args):
+    """Refuse, before anything is written, options that can never work."""
+    make_schedule(args)  # warm-up against the decay
+    if args.sample_tokens and not args.sample_prompt:
+        raise ConfigError("--sample-prompt is empty; give at least one character (or --sample-tokens 0)")
 
 
 def resume_args(args, state: dict):
-    """The run's own arguments, with the few a resume may change taken from the command line."""
-    changed = sorted(set(args.explicit) - RESUME_FLAGS)
+    """The run's own arguments, with the options that do not change the computation taken from the command line."""
+    changed = sorted(set(args.explicit) - RESUMABLE - {"resume"})
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise ConfigError(f"{flags} cannot change when resuming (allowed: --steps, --eval-every, --save-every, "
-                          f"--log-every, --sample-tokens, --wandb); start a new run with --init-from to change them")
+        allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUMABLE))
+        raise ConfigError(f"{flags} cannot change when resuming (allowed: {allowed}); "
+                          f"start a new run with --init-from to change them")
     merged = argparse.Namespace(**{**state["args"], **{k: getattr(args, k) for k in args.explicit}})
-    merged.resume, merged.explicit = args.resume, args.explicit
+    merged.resume, merged.explicit, merged.force = args.resume, args.explicit, args.force
     if merged.steps <= state["step"]:
         raise ConfigError(
             f"{args.resume} is at step {state['step']} of {merged.steps}; pass --steps TOTAL above {state['step']}"
@@ -297,59 +290,47 @@ def resume_args(args, state: dict):
     return merged
 
 
-def random_key() -> list:
-    return [int(k) for k in mx.random.state[0].tolist()]
+# --- Memory and time, told before the run starts ------------------------------------------
 
 
-def set_random_key(key: list):
-    """Restore the global MLX key: ``mx.random.seed(s)`` sets the key to (s >> 32, s & 0xffffffff)."""
-    mx.random.seed((int(key[0]) << 32) | int(key[1]))
+def estimate_step_memory(model: BDH, batch_size: int, block_size: int, dtype=mx.float32) -> int:
+    """Bytes a training step needs, roughly: weights with their gradients and AdamW moments, plus activations.
 
-
-def link_or_copy(src: Path, dst: Path):
-    """Point ``dst`` at the file ``src`` atomically (a hard link when possible, else a copy)."""
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write(dst, lambda f: f.write(src.read_bytes()))
-
-
-def save_resume_point(run_dir: Path, step: int, model, optimizer, meta: dict, keep: bool):
-    """``step_NNNNNNN.{npz,optimizer.npz,json}``, then ``last.*`` pointing at them, last.json last.
-
-    Each file is written atomically and the JSON names the weights and optimizer files it belongs
-    to, so a crash at any point leaves ``last.json`` describing a complete, consistent step.
-    A resume point that is not a periodic checkpoint (``keep`` False) is removed once superseded.
+    Per layer the parallel form keeps about 6 (B, nh, T, N) and 2 (B, nh, T, T) arrays for the backward pass;
+    the chunked form keeps only the layer inputs and recomputes one head at a time.
     """
-    stem = f"step_{step:07d}"
-    previous = json.loads((run_dir / "last.json").read_text()) if (run_dir / "last.json").exists() else None
-    checkpoint.save(model, run_dir / f"{stem}.npz")
-    atomic_savez(run_dir / f"{stem}.optimizer.npz", {k: np.array(v) for k, v in tree_flatten(optimizer.state)})
-    state = {"step": step, "model": f"{stem}.npz", "optimizer": f"{stem}.optimizer.npz", "keep": keep, **meta}
-    text = json.dumps(state, indent=1)
-    atomic_write_text(run_dir / f"{stem}.json", text)
-    link_or_copy(run_dir / f"{stem}.npz", run_dir / "last.npz")
-    link_or_copy(run_dir / f"{stem}.optimizer.npz", run_dir / "last.optimizer.npz")
-    atomic_write_text(run_dir / "last.json", text)
-    if previous is not None and not previous.get("keep", True) and previous["step"] != step:
-        old = f"step_{previous['step']:07d}"
-        for suffix in (".npz", ".optimizer.npz", ".json"):
-            (run_dir / f"{old}{suffix}").unlink(missing_ok=True)
+    c = model.config
+    B, T, L, nh, N, D = batch_size, block_size, c.n_layer, c.n_head, c.n_neurons, c.n_embd
+    size = 4 if dtype == mx.float32 else 2
+    weights = 4 * 4 * c.num_parameters
+    if model.attention_form(T, cached=False) == "parallel":
+        activations = L * B * nh * T * (6 * N + 2 * T + 4 * D) * size
+    else:
+        C = min(c.chunk_size, T)
+        activations = L * B * T * D * 4 * size + B * T * (6 * N + 2 * C + 4 * D) * size + 2 * B * -(-T // C) * N * D * 4
+    return weights + activations
 
 
-def load_optimizer_state(path: Path) -> dict:
-    return tree_unflatten([(k, mx.array(v)) for k, v in read_npz(path, "optimizer state").items()])
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def truncate_metrics(path: Path, step: int):
-    """Drop metric lines logged after ``step`` (by a run that stopped before saving them)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+def check_memory(model, args, world: int):
+    need = estimate_step_memory(model, args.batch_size // world, args.block_size, COMPUTE_DTYPES[args.dtype])
+    have = machine_memory()
+    if need > 0.9 * have and not args.force:
+        raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB but this machine has "
+                          f"{have / 2**30:.1f} GiB; use a smaller --batch-size (with --grad-accum), --block-size or "
+                          f"preset, or --force to try anyway")
+    return need
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 # --- The run ---------------------------------------------------------------------------
@@ -360,18 +341,19 @@ def model_config(args) -> BDHConfig:
     return BDHConfig.from_preset(args.preset or DEFAULT_PRESET, **overrides)
 
 
-def build_model(args, resume_state, run_dir) -> BDH:
+def build_model(args, resume_state, run: RunFolder) -> BDH:
     if resume_state is not None:
-        return checkpoint.load(run_dir / resume_state["model"])
-    if args.init_from is not None:
+        model = checkpoint.load(run.path / resume_state["model"])
+    elif args.init_from is not None:
         if args.preset is not None:
             raise ConfigError("--preset and --init-from exclude each other: the checkpoint holds its config")
         overrides = {f: getattr(args, a) for a, f in MODEL_FLAGS.items() if getattr(args, a) is not None}
-        return checkpoint.load(args.init_from, **overrides)
-    mx.random.seed(args.seed)
-    model = BDH(model_config(args))
-    mx.eval(model.parameters())
-    return model
+        model = checkpoint.load(args.init_from, **overrides)
+    else:
+        mx.random.seed(args.seed)
+        model = BDH(model_config(args))
+        mx.eval(model.parameters())
+    return model.train()
 
 
 def open_wandb(args):
@@ -384,161 +366,347 @@ def open_wandb(args):
     return wandb
 
 
+def random_key() -> list:
+    return [int(k) for k in mx.random.state[0].tolist()]
+
+
+def set_random_key(key: list):
+    """Restore the global MLX key: ``mx.random.seed(s)`` sets the key to (s >> 32, s & 0xffffffff)."""
+    mx.random.seed((int(key[0]) << 32) | int(key[1]))
+
+
 def sample_text(model: BDH, args) -> str:
     """A short sample with dropout off; the training randomness is saved and restored around it."""
     from .generate import generate
-    from .sample_utils import make_sampler
 
     key = random_key()
     try:
         with eval_mode(model):
-            return generate(model, args.sample_prompt, max_tokens=args.sample_tokens,
-                            sampler=make_sampler(temperature=0.8, top_k=50), seed=args.seed)
+            return generate(model, args.sample_prompt, max_tokens=args.sample_tokens, temperature=0.8, top_k=50,
+                            seed=args.seed)
     finally:
         set_random_key(key)
 
 
+def is_finite(model: BDH) -> bool:
+    return all(mx.all(mx.isfinite(p)).item() for _, p in tree_flatten(model.parameters()))
+
+
 class StopFlag:
-    """The first Ctrl-C asks the loop to save and stop at the next step; a second one interrupts at once."""
+    """Ctrl-C handling while the run computes in a worker thread (see ``run_in_worker``).
+
+    The first Ctrl-C is acknowledged at once and asks the loop to save after the current step;
+    a second one stops the process at once without saving (the last checkpoint stays intact).
+    """
 
     def __init__(self):
         self.requested = False
+
+    @staticmethod
+    def say(text):
+        tqdm.write(f"{PROG}: {text}", file=sys.stderr)
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self.handle)
         return self
 
     def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not self.requested:
+            self.requested = True
+            self.say("Ctrl-C: finishing this step, then saving (press Ctrl-C again to stop without saving)")
+            return
+        self.say("stopped without saving; the last checkpoint is intact")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(args):
-    """Run (or resume) training as ``args`` describe; returns the final metrics record."""
-    resume_state = None
-    if args.resume is not None:
-        run_dir = Path(args.resume)
-        resume_state = read_resume_state(run_dir)
-        args = resume_args(args, resume_state)
-    else:
-        run_dir = fresh_run_dir(args)
-    make_schedule(args)  # checks warm-up against the decay before anything is written
-    wandb = open_wandb(args)
-    model = build_model(args, resume_state, run_dir)
-    corpus = load_corpus(args, args.cache_dir or default_cache_dir(run_dir))
-    corpus.check_block_size(args.block_size)
+def run_interruptibly(fn, *args):
+    """``fn(*args, stop)`` in a worker thread, so that the main thread answers Ctrl-C even during a long step.
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    saved_args = {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "config")}
-    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
-    optimizer = make_optimizer(args)
-    optimizer.init(model.trainable_parameters())
-    sampler = BatchSampler(corpus.train, args.batch_size, args.block_size, args.seed)
-    val_batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
-    start, best, elapsed_before = 0, {"val_loss": math.inf, "step": None}, 0.0
-    if resume_state is not None:
-        optimizer.state = load_optimizer_state(run_dir / resume_state["optimizer"])
-        optimizer.init(model.trainable_parameters())
-        sampler.state = resume_state["sampler"]
-        set_random_key(resume_state["random_key"])
-        start, elapsed_before = resume_state["step"], resume_state["elapsed"]
-        best = resume_state["best"]
-        if (run_dir / "best.json").exists():
-            best = min(best, json.loads((run_dir / "best.json").read_text()), key=lambda b: b["val_loss"])
-        truncate_metrics(metrics_path, start)
-    else:
-        mx.random.seed(args.seed + 1)  # dropout's stream, apart from the one that initialised the weights
-    step_fn, state = make_train_step(model, optimizer, args.grad_accum, args.grad_clip)
-    wandb_run = wandb and wandb.init(project=args.wandb, name=run_dir.name, dir=str(run_dir), config=saved_args)
+    All MLX work of the run happens in that thread (MLX streams belong to the thread that made them).
+    """
+    with StopFlag() as stop:
+        return run_in_worker(fn, *args, stop)
 
-    tokens_per_step = args.grad_accum * args.batch_size * args.block_size
-    n_params = model.config.num_parameters
-    where = "resuming at step " + str(start) if start else "starting"
-    print(f"{PROG}: {where}: {n_params:,} parameters, {corpus.source} ({len(corpus.train):,} train / "
-          f"{len(corpus.val):,} val bytes), run folder {run_dir}", file=sys.stderr)
 
-    t0 = time.perf_counter()
-    loss_sum, n_losses, last_log, grad_norm = mx.array(0.0), 0, (start, t0), None
-    saved_step = start if resume_state is not None else None
-    record = {}
+def run_in_worker(fn, *args):
+    """``fn(*args)`` in a worker thread, joined with a timeout so the main thread keeps handling signals."""
+    outcome = {}
 
-    def elapsed():
-        return elapsed_before + time.perf_counter() - t0
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
 
-    def save(step, keep):
-        nonlocal saved_step
-        meta = {"random_key": random_key(), "sampler": sampler.state, "best": best, "elapsed": elapsed(),
-                "args": saved_args}
-        save_resume_point(run_dir, step, model, optimizer, meta, keep)
-        saved_step = step
+    worker = threading.Thread(target=target, name="bdh-mlx-train", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
-    def read_losses(step, grad_norm):
-        """Host sync: the mean training loss since the last read; stops the run on NaN or Inf."""
-        nonlocal loss_sum, n_losses, last_log
-        train_loss, norm = loss_sum.item() / max(n_losses, 1), grad_norm.item()
-        if not (math.isfinite(train_loss) and math.isfinite(norm)):
-            kept = f"the last good checkpoint is {run_dir / 'last.npz'} (step {saved_step})" if saved_step is not None \
-                else "no checkpoint was saved"
-            when = f"at step {step}" if step == last_log[0] + 1 else f"in steps {last_log[0] + 1}-{step}"
-            raise TrainingError(f"the loss became {train_loss} (grad norm {norm}) {when}; stopped, {kept}")
+
+@dataclass
+class LossMeter:
+    """Training losses summed on the device, read (one host sync) on logging steps."""
+
+    tokens_per_step: int
+    total: mx.array = field(default_factory=lambda: mx.array(0.0))
+    count: int = 0
+    since: tuple = (0, 0.0)  # (step, time) of the last read
+
+    def add(self, loss):
+        self.total, self.count = self.total + loss, self.count + 1
+
+    def read(self, step: int, grad_norm) -> dict:
+        loss, norm = self.total.item() / max(self.count, 1), grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            steps = f"at step {step}" if step == self.since[0] + 1 else f"in steps {self.since[0] + 1}-{step}"
+            raise TrainingError(f"the loss became {loss} (grad norm {norm}) {steps}")
         now = time.perf_counter()
-        tokens_per_sec = (step - last_log[0]) * tokens_per_step / max(now - last_log[1], 1e-9)
-        loss_sum, n_losses, last_log = mx.array(0.0), 0, (step, now)
-        return {"train_loss": train_loss, "lr": optimizer.learning_rate.item(), "grad_norm": norm,
-                "tokens_per_sec": tokens_per_sec}
+        tokens_per_sec = (step - self.since[0]) * self.tokens_per_step / max(now - self.since[1], 1e-9)
+        self.total, self.count, self.since = mx.array(0.0), 0, (step, now)
+        return {"train_loss": loss, "grad_norm": norm, "tokens_per_sec": tokens_per_sec}
 
-    with StopFlag() as stop, tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True,
-                                  disable=args.no_progress, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
-        for step in range(start + 1, args.steps + 1):
+
+class Trainer:
+    """One run: the model, optimizer, data and run folder, and one method each to step, evaluate, save and log.
+
+    ``loss`` and ``sampler`` are what a run trains on (``bdh-mlx finetune`` passes its own).
+    """
+
+    def __init__(self, args, run: RunFolder, resume_state, model: BDH, sampler, val_batches, loss=loss_fn,
+                 source: str = ""):
+        self.args, self.run, self.model, self.sampler, self.val_batches = args, run, model, sampler, val_batches
+        self.loss = loss
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        self.writer = self.rank == 0
+        self.saved_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+        model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
+        self.optimizer = make_optimizer(args)
+        self.optimizer.init(model.trainable_parameters())
+        self.start, self.elapsed_before, self.best = 0, 0.0, {"val_loss": math.inf, "step": None}
+        if resume_state is not None:
+            self.optimizer.state = run.load_optimizer_state(resume_state)
+            self.optimizer.init(model.trainable_parameters())
+            sampler.state = resume_state["sampler"]
+            set_random_key(resume_state["random_key"])
+            self.start, self.elapsed_before = resume_state["step"], resume_state["elapsed"]
+            self.best = run.read_best(resume_state["best"])
+        else:
+            mx.random.seed(args.seed + 1)  # dropout's stream, apart from the one that initialised the weights
+        self.saved_step = self.start if resume_state is not None else None
+        self.step_fn, self.state = make_train_step(model, self.optimizer, args.grad_accum, args.grad_clip, loss,
+                                                   self.group if self.world > 1 else None)
+        self.tokens_per_step = args.grad_accum * args.batch_size * args.block_size
+        self.meter = LossMeter(self.tokens_per_step)
+        self.t0 = time.perf_counter()
+        self.source = source
+        self.bar = None
+        self.wandb_run = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def say(self, text: str):
+        if self.writer:
+            tqdm.write(text, file=sys.stderr)
+
+    def step(self, step: int):
+        batches = self.sampler.sample(self.args.grad_accum)
+        rows = batches.shape[1] // self.world
+        local = batches[:, self.rank * rows : (self.rank + 1) * rows]
+        loss, self.grad_norm = self.step_fn(mx.array(local))
+        self.meter.add(loss)
+        mx.eval(self.state, self.meter.total, self.grad_norm)
+
+    def evaluate(self, step: int) -> dict:
+        record = evaluate(self.model, self.val_batches, self.group if self.world > 1 else None, self.loss)
+        if not math.isfinite(record["val_loss"]):
+            raise TrainingError(f"the validation loss became {record['val_loss']} at step {step}")
+        if record["val_loss"] < self.best["val_loss"]:
+            self.best = {"val_loss": record["val_loss"], "step": step}
+            if self.writer:
+                self.run.write_best(self.model, self.best)
+        if self.args.sample_tokens and self.writer:
+            record["sample"] = sample_text(self.model, self.args)
+        x, y = np.mean(record["sparsity_x"]), np.mean(record["sparsity_y"])
+        self.say(f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits/byte, "
+                 f"non-zero x {x:.3f}, y {y:.3f}" + (f"\n--- sample ---\n{record['sample']}\n---" if "sample" in
+                                                     record else ""))
+        return record
+
+    def save(self, step: int, keep: bool):
+        """A resume point at ``step``, unless the weights are no longer finite (then stop: never save poison)."""
+        if not is_finite(self.model):
+            raise TrainingError(f"the weights became NaN or Inf by step {step}")
+        if self.writer:
+            meta = {"random_key": random_key(), "sampler": self.sampler.state, "best": self.best,
+                    "elapsed": self.elapsed(), "world_size": self.world, "args": self.saved_args}
+            self.run.save_resume_point(step, self.model, self.optimizer, meta, keep)
+        self.saved_step = step
+
+    def log(self, record: dict):
+        if not self.writer:
+            return
+        self.run.append_metrics(record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "sample"}, step=record["step"])
+
+    def tell_the_time(self, step: int, seconds_per_step: float):
+        """Once, early: the measured time per step and what the whole run will take."""
+        left = (self.args.steps - step) * seconds_per_step
+        self.say(f"{PROG}: {seconds_per_step:.2f} s per step; {self.args.steps - step} steps to go: about "
+                 f"{format_duration(left)}")
+        if left > 86400 or (left > 3600 and mx.default_device() == mx.cpu):
+            self.say(f"{PROG}: that is long for this machine ({mx.default_device()}); consider a smaller --preset, "
+                     f"fewer --steps or a smaller --batch-size, a fast BLAS on Linux (bdh-mlx info), or a GPU")
+
+    def kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint is {self.run.path / 'last.npz'} (step {self.saved_step})"
+
+
+def train_loop(t: Trainer, stop: StopFlag) -> dict:
+    """The loop: step, and on logging steps read the losses, evaluate, save and log."""
+    args, record, timed = t.args, {}, None
+    with tqdm(total=args.steps, initial=t.start, unit="step", dynamic_ncols=True,
+              disable=args.no_progress or not t.writer, mininterval=0.1 if sys.stderr.isatty() else 30) as t.bar:
+        t.meter.since = (t.start, time.perf_counter())
+        for step in range(t.start + 1, args.steps + 1):
             if stop.requested:
-                if n_losses:
-                    read_losses(step - 1, grad_norm)
-                if saved_step != step - 1:
-                    save(step - 1, keep=False)
-                bar.close()
-                print(f"{PROG}: stopped at step {step - 1}; saved {run_dir / 'last.npz'}; "
-                      f"continue with: bdh-mlx train --resume {run_dir}", file=sys.stderr)
+                if t.saved_step != step - 1:
+                    t.save(step - 1, keep=False)
+                t.say(f"{PROG}: stopped at step {step - 1}; saved {t.run.path / 'last.npz'}; "
+                      f"continue with: bdh-mlx train --resume {t.run.path}")
                 raise KeyboardInterrupt
-            loss, grad_norm = step_fn(mx.array(sampler.sample(args.grad_accum)))
-            loss_sum = loss_sum + loss
-            n_losses += 1
-            mx.eval(state, loss_sum, grad_norm)
-            bar.update(1)
-
+            t.step(step)
+            t.bar.update(1)
+            if step == t.start + 1:
+                timed = (step, time.perf_counter())  # the first step compiles: time from the end of it
+            elif step == min(t.start + 4, args.steps):
+                t.tell_the_time(step, (time.perf_counter() - timed[1]) / (step - timed[0]))
             final = step == args.steps
             evaluating = final or (args.eval_every and step % args.eval_every == 0)
             saving = final or (args.save_every and step % args.save_every == 0)
-            if not (evaluating or saving or step % args.log_every == 0):
+            if not (evaluating or saving or step % args.log_every == 0 or step == 1):
                 continue
-            record = {"step": step, **read_losses(step, grad_norm)}
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            record = {"step": step, **t.meter.read(step, t.grad_norm), "lr": t.optimizer.learning_rate.item()}
             if evaluating:
-                record.update(evaluate(model, val_batches))
-                if not math.isfinite(record["val_loss"]):
-                    raise TrainingError(f"the validation loss became {record['val_loss']} at step {step}; stopped")
-                if record["val_loss"] < best["val_loss"]:
-                    best = {"val_loss": record["val_loss"], "step": step}
-                    checkpoint.save(model, run_dir / "best.npz")
-                    atomic_write_text(run_dir / "best.json", json.dumps(best))
-                if args.sample_tokens:
-                    record["sample"] = sample_text(model, args)
-                bar.write(f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits/byte, "
-                          f"non-zero x {np.mean(record['sparsity_x']):.3f}, y {np.mean(record['sparsity_y']):.3f}"
-                          + (f"\n{record['sample']!r}" if args.sample_tokens else ""))
-            record["elapsed"] = elapsed()
+                record.update(t.evaluate(step))
+            record.update(elapsed=t.elapsed(), world_size=t.world)
             if saving:
-                save(step, keep=bool(args.save_every and step % args.save_every == 0))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if k != "sample"}, step=step)
-    if wandb_run is not None:
-        wandb_run.finish()
+                t.save(step, keep=bool(args.save_every and step % args.save_every == 0))
+            t.log(record)
     return record
+
+
+def prepare_run(args, build=build_model):
+    """Check everything, then take the run folder: ``(args, run, resume_state, model)``.
+
+    Nothing is written before all the options are known to be usable.
+    """
+    if args.resume is not None:
+        run = RunFolder(args.resume)
+        if not run.path.is_dir():
+            raise ConfigError(f"{run.path}: no such run folder")
+        resume_state = run.read_resume_state()
+        if resume_state is None:
+            started = run.read_start()
+            if started is None:
+                raise ConfigError(f"{run.path}: no resume state (no last.json); start a fresh run with --out instead")
+            resume_state = {"step": 0, "args": started}  # killed before its first checkpoint: start it over
+        args = resume_args(args, resume_state)
+        if resume_state["step"] == 0:
+            resume_state = None
+    else:
+        resume_state = None
+        run = RunFolder(args.out or Path("checkpoints_mlx") / (args.run_name or time.strftime("%Y%m%d-%H%M%S")))
+        if run.holds_run():
+            raise ConfigError(f"{run.path} already holds a run; continue it with --resume {run.path}, "
+                              f"or choose another --out")
+        run.check_usable()
+    check_args(args)
+    world = mx.distributed.init().size()
+    if args.batch_size % world:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    open_wandb(args)
+    model = build(args, resume_state, run)
+    check_memory(model, args, world)
+    return args, run, resume_state, model
+
+
+def train(args) -> dict:
+    """Run (or resume) training as ``args`` describe; returns the last metrics record."""
+    return run_interruptibly(_train, args)
+
+
+def _train(args, stop) -> dict:
+    args, run, resume_state, model = prepare_run(args)
+    corpus = load_corpus(args, args.cache_dir or default_cache_dir(run.path))
+    corpus.check_block_size(args.block_size)
+    sampler = BatchSampler(corpus.train, args.batch_size, args.block_size, args.seed)
+    val_batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
+    return run_training(args, run, resume_state, model, sampler, val_batches, loss_fn, corpus.source, stop)
+
+
+def run_training(args, run, resume_state, model, sampler, val_batches, loss, source, stop) -> dict:
+    """Lock the folder and train: the part ``train`` and ``finetune`` share (called inside ``run_interruptibly``)."""
+    writer = mx.distributed.init().rank() == 0
+    if writer:
+        run.lock()
+    try:
+        if writer:
+            run.truncate_metrics(0 if resume_state is None else resume_state["step"])
+            if resume_state is None:
+                run.write_start({k: v for k, v in vars(args).items() if k not in NOT_SAVED})
+        t = Trainer(args, run, resume_state, model, sampler, val_batches, loss, source)
+        announce(t)
+        wandb = open_wandb(args)
+        if wandb is not None and writer:
+            t.wandb_run = wandb.init(project=args.wandb, name=run.path.name, dir=str(run.path), config=t.saved_args)
+        try:
+            record = train_loop(t, stop)
+        except TrainingError as e:
+            raise TrainingError(f"{e}; stopped, {t.kept()}") from None
+        finally:
+            if t.wandb_run is not None:
+                t.wandb_run.finish()
+    finally:
+        run.unlock()
+    summarise(t)
+    return record
+
+
+def announce(t: Trainer):
+    """The first line of a run: what is trained, on what, in how big steps, and where it is saved."""
+    args, config = t.args, t.model.config
+    where = f"resuming at step {t.start}" if t.start else "starting"
+    need = estimate_step_memory(t.model, args.batch_size // t.world, args.block_size, COMPUTE_DTYPES[args.dtype])
+    processes = f", {t.world} processes" if t.world > 1 else ""
+    t.say(f"{PROG}: {where}: {config.num_parameters:,} parameters, {t.source}; {t.tokens_per_step:,} tokens "
+          f"per step{processes}, about {need / 2**30:.2f} GiB per step; run folder {t.run.path}")
+
+
+def summarise(t: Trainer):
+    """The closing lines: time, best validation loss, where the checkpoints are, what to run next."""
+    if t.best["step"] is None:
+        return
+    best = t.run.path / "best.npz"
+    t.say(f"{PROG}: done: {t.args.steps} steps in {format_duration(t.elapsed())}; best val loss "
+          f"{t.best['val_loss']:.4f} ({t.best['val_loss'] / math.log(2):.4f} bits/byte) at step {t.best['step']}\n"
+          f"  checkpoints: {best}, {t.run.path / 'last.npz'}\n"
+          f"  try: bdh-mlx generate --checkpoint {best} --prompt \"The \" --max-tokens 200")
 
 
 def main(argv=None) -> int:

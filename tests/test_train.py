@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -85,7 +86,7 @@ def test_loss_falls_on_a_repetitive_corpus(tmp_path, corpus_file):
     train.main([*TINY_RUN, "--data", str(corpus_file), "--out", str(out), "--steps", "60", "--lr", "3e-3",
                 "--eval-every", "30", "--log-every", "10"])
     records = metrics(out)
-    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in records] == [1, 10, 20, 30, 40, 50, 60]  # the first loss at once
     assert records[-1]["train_loss"] < 0.75 * records[0]["train_loss"]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [30, 60] and evals[1]["val_loss"] < evals[0]["val_loss"]
@@ -151,7 +152,8 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, resume_corpus, one_go, monke
     def interrupting_sample(self, n):
         calls.append(n)
         if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 6 runs
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 6 runs (the main thread answers it)
+            time.sleep(0.5)
         return sample(self, n)
 
     monkeypatch.setattr(BatchSampler, "sample", interrupting_sample)
@@ -159,6 +161,7 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, resume_corpus, one_go, monke
                        "--eval-every", "0", "--save-every", "0"])
     assert code == 130
     err = capsys.readouterr().err
+    assert "Ctrl-C: finishing this step, then saving" in err
     assert f"stopped at step 6; saved {out / 'last.npz'}; continue with: bdh-mlx train --resume {out}" in err
     assert json.loads((out / "last.json").read_text())["step"] == 6
     monkeypatch.setattr(BatchSampler, "sample", sample)
@@ -211,7 +214,7 @@ BAD_INPUT_CASES = [
     (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
     (["--block-size", "-3"], "argument --block-size: must be a positive integer, got -3"),
     (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
-    (["--preset", "huge"], "unknown preset 'huge'; valid presets: tiny, small, 25m, 100m"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge' (choose from 'tiny', 'small', '25m', '100m')"),
     (["--resume", "norun"], "norun: no resume state (no last.json)"),
     (["--config", "bad.toml"], "bad.toml: unknown option 'stepz'"),
     (["--schedule", "cosine", "--warmup-steps", "10", "--steps", "10"], "leaves no steps for the cosine decay"),
