@@ -219,6 +219,13 @@ BAD_INPUT_CASES = [
     (["--config", "bad.toml"], "bad.toml: unknown option 'stepz'"),
     (["--schedule", "cosine", "--warmup-steps", "10", "--steps", "10"], "leaves no steps for the cosine decay"),
     (["--wandb", "proj"], "--wandb needs the wandb package: pip install wandb"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 4611686018427387904], got -1"),
+    (["--seed", str(2**70)], "--seed: must be an integer in [0, 4611686018427387904], got 1180591620717411303424"),
+    (["--lr", "inf"], "argument --lr: must be a positive number, got inf"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a non-negative number, got inf"),
+    (["--grad-clip", "nan"], "argument --grad-clip: must be a positive number, got nan"),
+    (["--sample-prompt", ""], "--sample-prompt is empty; give at least one character (or --sample-tokens 0)"),
+    (["--batch-size", "100000000"], "a training step needs about"),
 ]
 
 
