@@ -6,11 +6,20 @@ import http.server
 import importlib
 import json
 import re
+import socket
 import threading
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import mlx.core as mx
+import numpy as np
 import pytest
 import yaml
+from conftest import TINY_RUN
+
+from bdh_mlx import BDH, BDHConfig, CheckpointError, checkpoint, cli, train
+from bdh_mlx.hub import HubError, resolve_checkpoint
+from bdh_mlx.utils import eval_mode
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
@@ -123,3 +132,186 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
                       for line in lines if line["key"] == "file"})
         sha = hub.add_repo(repo_id, files, revision)
         self.reply(200, json.dumps({"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha}).encode())
+
+
+# --- Fixtures: a fake Hub, the client pointed at it, tiny checkpoints ------------------------------
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path, hub):
+    """``set_env(**variables)``: the environment huggingface_hub reads at import, applied by reloading its constants.
+
+    Starts online, with no token, the cache in ``tmp_path/hf`` and ``HF_ENDPOINT`` at the fake Hub.
+    """
+    from huggingface_hub import constants
+
+    def set_env(**variables):
+        for name, value in variables.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        importlib.reload(constants)
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    set_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
+    yield set_env
+    monkeypatch.undo()
+    importlib.reload(constants)
+
+
+def tiny_checkpoint(path, seed, **config):
+    """Save a tiny random model; returns its bytes."""
+    mx.random.seed(seed)
+    checkpoint.save(BDH(BDHConfig.from_preset("tiny", **config)), path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def models(tmp_path):
+    """Two different tiny checkpoints, as (path, bytes)."""
+    paths = tmp_path / "a.npz", tmp_path / "b.npz"
+    return [(p, tiny_checkpoint(p, seed)) for seed, p in enumerate(paths)]
+
+
+def logits(model):
+    with eval_mode(model):
+        return np.array(model(mx.array([list(b"hello hub")]))[0])
+
+
+def repo_files(model_bytes):
+    return {"model.npz": model_bytes, "config.json": b"{}", "README.md": b"---\nlibrary_name: bdh-mlx\n---\n",
+            "extra/large.bin": b"not needed"}
+
+
+def fails_with(spec, message):
+    with pytest.raises(HubError) as info:
+        checkpoint.load(spec)
+    assert str(info.value) == message
+
+
+# --- Download ---------------------------------------------------------------------------------------
+
+
+def test_load_by_repo_id_equals_local_load_and_fetches_only_the_repo_files(hub, hub_env, models, tmp_path):
+    (path, data), _ = models
+    hub.add_repo("org/tiny", repo_files(data))
+    model = checkpoint.load("org/tiny")
+    np.testing.assert_array_equal(logits(model), logits(checkpoint.load(path)))
+    resolved = resolve_checkpoint("org/tiny")
+    assert resolved.read_bytes() == data
+    assert resolved.is_relative_to(tmp_path / "hf" / "hub" / "models--org--tiny")  # the standard cache, in HF_HOME
+    fetched = {p.rsplit("/", 1)[1] for method, p in hub.requests if method == "GET" and "/resolve/" in p}
+    assert fetched == {"model.npz", "config.json", "README.md"}
+
+
+def test_revision_and_hub_cache_variable(hub, hub_env, models, tmp_path):
+    (_, a), (path_b, b) = models
+    hub.add_repo("org/tiny", repo_files(a))
+    sha = hub.add_repo("org/tiny", repo_files(b), revision="v1")
+    hub_env(HF_HUB_CACHE=str(tmp_path / "elsewhere"))
+    assert resolve_checkpoint("org/tiny@v1").read_bytes() == b
+    assert resolve_checkpoint(f"org/tiny@{sha}").read_bytes() == b
+    assert resolve_checkpoint("org/tiny").read_bytes() == a
+    assert resolve_checkpoint("org/tiny").is_relative_to(tmp_path / "elsewhere")
+    np.testing.assert_array_equal(logits(checkpoint.load("org/tiny@v1")), logits(checkpoint.load(path_b)))
+    fails_with("org/tiny@v9", "org/tiny: no revision 'v9' on the Hub")
+
+
+def test_a_local_path_wins_over_a_repo_id_spelled_the_same(hub, hub_env, models, tmp_path, monkeypatch):
+    (_, a), (_, b) = models
+    hub.add_repo("org/tiny", repo_files(a))
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
+    (tmp_path / "org" / "tiny" / "model.npz").write_bytes(b)  # a folder holding model.npz, e.g. hf download --local-dir
+    (tmp_path / "org" / "file").write_bytes(b)  # a file named like a repo id
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("org/tiny").read_bytes() == b
+    assert resolve_checkpoint("org/file").read_bytes() == b
+    assert hub.requests == []
+    with pytest.raises(CheckpointError, match=r"^org/missing\.npz: no such checkpoint file$"):
+        checkpoint.load("org/missing.npz")  # looks like a file: never asked of the Hub
+    assert hub.requests == []
+
+
+def test_offline_loads_from_a_filled_cache_and_names_the_cache_when_empty(hub, hub_env, models, tmp_path):
+    (path, data), _ = models
+    hub.add_repo("org/tiny", repo_files(data))
+    checkpoint.load("org/tiny")
+    hub_env(HF_HUB_OFFLINE="1")
+    hub.repos.clear()
+    before = len(hub.requests)
+    np.testing.assert_array_equal(logits(checkpoint.load("org/tiny")), logits(checkpoint.load(path)))
+    assert len(hub.requests) == before
+    cache = tmp_path / "hf" / "hub"
+    fails_with("org/other", f"org/other: not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+                            "download it once online")
+
+
+def test_missing_gated_private_and_foreign_repos_are_one_line_errors(hub, hub_env, models):
+    (_, data), _ = models
+    hub.add_repo("org/gated", repo_files(data), access="gated")
+    hub.add_repo("org/private", repo_files(data), access="private")
+    hub.add_repo("org/text", {"README.md": b"---\nlicense: mit\n---\n", "weights.bin": b"x"})
+    hint = "set HF_TOKEN or run `hf auth login`"
+    fails_with("org/missing", f"org/missing: no such local file, and no such Hub repo (if it is private, {hint})")
+    fails_with("org/private", f"org/private: no such local file, and no such Hub repo (if it is private, {hint})")
+    fails_with("org/gated", f"org/gated: a gated repo; accept its conditions on the Hub, then {hint}")
+    fails_with("org/text", "org/text: the Hub repo has no model.npz; it is not a bdh-mlx model")
+    hub_env(HF_TOKEN=hub.token)  # the token is sent, and opens both
+    assert resolve_checkpoint("org/gated").read_bytes() == data
+    assert resolve_checkpoint("org/private").read_bytes() == data
+
+
+def test_unreachable_hub_is_one_line(hub_env, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    hub_env(HF_ENDPOINT=endpoint)
+    with pytest.raises(HubError) as info:
+        checkpoint.load("org/tiny")
+    message = str(info.value)
+    assert message.startswith(f"org/tiny: cannot reach the Hub at {endpoint} (")
+    assert message.endswith(f"and it is not in the Hugging Face cache ({tmp_path / 'hf' / 'hub'})")
+    assert "\n" not in message
+
+
+def test_not_a_repo_id_is_left_to_the_file_reader(hub, hub_env):
+    for spec in ("tiny", "a/b/c", "org/na--me", "org/name@"):
+        assert resolve_checkpoint(spec) == Path(spec)
+    assert hub.requests == []
+
+
+def test_cli_generate_with_a_repo_id(hub, hub_env, models, capsys):
+    (path, data), _ = models
+    hub.add_repo("org/tiny", repo_files(data))
+    args = ["--prompt", "ab", "--max-tokens", "12", "--temperature", "0"]
+    assert cli.main(["generate", "--model", "org/tiny", *args]) == 0
+    from_hub = capsys.readouterr().out
+    assert cli.main(["generate", "--checkpoint", str(path), *args]) == 0
+    assert from_hub == capsys.readouterr().out
+    assert len(from_hub) >= len("ab") + 1
+    assert cli.main(["generate", "--model", "org/missing", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bdh-mlx generate: error: org/missing: no such local file, and no such Hub repo")
+    assert err.count("\n") == 1
+
+
+def test_train_init_from_a_repo_id(hub, hub_env, tmp_path, corpus_file):
+    data = tiny_checkpoint(tmp_path / "wide.npz", 0, n_embd=48)
+    hub.add_repo("org/wide", repo_files(data))
+    out = tmp_path / "run"
+    flags = [flag for flag in TINY_RUN if flag not in ("--preset", "tiny")]  # the checkpoint holds the config
+    assert train.main([*flags, "--data", str(corpus_file), "--out", str(out), "--steps", "1",
+                       "--init-from", "org/wide"]) == 0
+    assert checkpoint.read_checkpoint(out / "last.npz")[0].n_embd == 48
