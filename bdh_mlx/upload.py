@@ -65,8 +65,8 @@ def training_section(summary: dict, data: str, plots: list) -> str:
     rows = [
         ("training data", data),
         ("steps", f"{summary['steps']:,}"),
-        ("tokens seen", f"{summary['tokens']:,} ({summary['steps']:,} steps x {args['grad_accum']} x "
-                        f"{args['batch_size']} sequences x {args['block_size']} bytes)"),
+        ("tokens seen", f"{summary['tokens']:,} (steps {summary['steps']:,} x grad accum {args['grad_accum']} x "
+                        f"batch {args['batch_size']} x block {args['block_size']} bytes)"),
         ("final validation loss", f"{final['val_loss']:.4f} nats (step {final['step']:,})"),
         ("final bits per byte", f"{final['val_bpb']:.4f}"),
         ("best validation loss", f"{best['val_loss']:.4f} nats, {best['val_bpb']:.4f} bits per byte "
@@ -91,9 +91,14 @@ def model_card(repo_id: str, config, license: str, datasets: list, summary=None,
 # {repo_id.split("/")[1]}
 
 A [Baby Dragon Hatchling (BDH)]({PAPER}) language model over bytes, trained with
-[bdh-mlx](https://pypi.org/project/bdh-mlx/) for Apple's MLX: {config.num_parameters:,} parameters,
-{config.n_layer} layers, {config.n_head} heads, {config.n_embd} embedding dimensions, {config.n_neurons:,} neurons per
-head. `{MODEL_FILE}` is the bdh-mlx checkpoint (weights under the official BDH names, with the config);
+[bdh-mlx](https://pypi.org/project/bdh-mlx/) for Apple's MLX.
+
+| parameters | layers | heads | embedding | neurons per head | vocabulary |
+|---|---|---|---|---|---|
+| {config.num_parameters:,} | {config.n_layer} | {config.n_head} | {config.n_embd} | {config.n_neurons:,} | \
+{config.vocab_size} bytes |
+
+`{MODEL_FILE}` is the bdh-mlx checkpoint (weights under the official BDH names, with the config);
 `{CONFIG_FILE}` repeats the config.
 
 ## Use

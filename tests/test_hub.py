@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import importlib
 import json
+import math
 import re
 import socket
 import threading
@@ -315,3 +316,90 @@ def test_train_init_from_a_repo_id(hub, hub_env, tmp_path, corpus_file):
     assert train.main([*flags, "--data", str(corpus_file), "--out", str(out), "--steps", "1",
                        "--init-from", "org/wide"]) == 0
     assert checkpoint.read_checkpoint(out / "last.npz")[0].n_embd == 48
+
+
+# --- Upload ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real tiny run: 6 steps x grad accum 2 x batch 4 x block 32, evaluated at steps 3 and 6."""
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    train.main([*TINY_RUN, "--data", str(corpus), "--out", str(root / "run"), "--steps", "6", "--grad-accum", "2",
+                "--eval-every", "3", "--log-every", "1"])
+    return root / "run"
+
+
+def front_matter(card):
+    match = re.match(r"---\n(.*?)\n---\n", card, re.S)
+    return yaml.safe_load(match.group(1))
+
+
+def test_upload_a_run_then_load_it_back(hub, hub_env, tiny_run, capsys):
+    hub_env(HF_TOKEN=hub.token)
+    ckpt = tiny_run / "best.npz"
+    assert cli.main(["upload", "--checkpoint", str(ckpt), "--repo", "org/up", "--run", str(tiny_run), "--private",
+                     "--dataset", "org/corpus"]) == 0
+    assert capsys.readouterr().out.startswith("uploaded 7 files to org/up: ")
+    repo = hub.repos["org/up"]
+    files = repo["commits"][repo["refs"]["main"]]
+    assert repo["access"] == "private"
+    assert sorted(files) == ["README.md", "config.json", "model.npz", "plots/bpb.png", "plots/loss.png",
+                             "plots/lr.png", "plots/sparsity.png"]
+    assert files["model.npz"] == ckpt.read_bytes()
+    config = checkpoint.read_checkpoint(ckpt)[0]
+    assert json.loads(files["config.json"]) == config.to_dict()
+    assert all(files[f"plots/{name}"].startswith(b"\x89PNG") for name in ("loss.png", "bpb.png", "sparsity.png"))
+
+    card = files["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["library_name"] == "bdh-mlx"
+    assert meta["tags"] == ["mlx", "bdh"]
+    assert meta["license"] == "mit"
+    assert meta["datasets"] == ["org/corpus"]
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val_loss" in r][-1]
+    assert final["step"] == 6
+    assert "| steps | 6 |" in card
+    assert f"| tokens seen | {6 * 2 * 4 * 32:,} (steps 6 x grad accum 2 x batch 4 x block 32 bytes) |" in card
+    assert f"| {config.num_parameters:,} | 2 | 2 | 32 | 128 | 256 bytes |" in card
+    assert f"| final validation loss | {final['val_loss']:.4f} nats (step 6) |" in card
+    assert f"| final bits per byte | {final['val_loss'] / math.log(2):.4f} |" in card
+    for layer, (x, y) in enumerate(zip(final["sparsity_x"], final["sparsity_y"], strict=True)):
+        assert f"| {layer} | {x:.3f} | {y:.3f} |" in card
+    assert "![loss](plots/loss.png)" in card and "![sparsity](plots/sparsity.png)" in card
+    assert 'model = load("org/up")' in card and "bdh-mlx generate --model org/up" in card
+
+    hub_env(HF_TOKEN=None)  # a private repo: reading it back needs the token too
+    fails_with("org/up", "org/up: no such local file, and no such Hub repo (if it is private, set HF_TOKEN or run "
+                         "`hf auth login`)")
+    hub_env(HF_TOKEN=hub.token)
+    np.testing.assert_array_equal(logits(checkpoint.load("org/up")), logits(checkpoint.load(ckpt)))
+
+
+def test_upload_dry_run_without_a_run(tmp_path, models, capsys):
+    (path, data), _ = models
+    out = tmp_path / "folder"
+    assert cli.main(["upload", "--checkpoint", str(path), "--repo", "org/bare", "--license", "apache-2.0",
+                     "--dry-run", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.npz"]
+    assert (out / "model.npz").read_bytes() == data
+    card = (out / "README.md").read_text()
+    assert front_matter(card) == {"library_name": "bdh-mlx", "license": "apache-2.0", "tags": ["mlx", "bdh"],
+                                  "pipeline_tag": "text-generation"}
+    assert "## Training" not in card
+
+
+def test_upload_errors_are_one_line(hub, hub_env, models, tmp_path, capsys):
+    (path, _), _ = models
+    assert cli.main(["upload", "--checkpoint", str(path), "--repo", "org/up"]) == 2  # no token
+    assert capsys.readouterr().err == ("bdh-mlx upload: error: org/up: the Hub refused access (401); "
+                                       "set HF_TOKEN or run `hf auth login`\n")
+    assert "org/up" not in hub.repos
+    assert cli.main(["upload", "--checkpoint", str(path), "--repo", "not a repo"]) == 2
+    assert "'not a repo' is not a Hub repo id (org/name)" in capsys.readouterr().err
+    assert cli.main(["upload", "--checkpoint", str(path), "--repo", "org/up", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bdh-mlx upload: error: {tmp_path}: no metrics.jsonl (is it a bdh-mlx run folder?)\n"
