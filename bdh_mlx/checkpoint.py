@@ -1,13 +1,13 @@
 """Self-describing ``.npz`` checkpoints: the official weight names plus the config as JSON."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import BDHError, CheckpointError
+from .hub import resolve_checkpoint
 from .model import BDH, BDHConfig
 from .utils import atomic_savez, read_npz
 
@@ -64,12 +64,12 @@ def save(model: BDH, path):
 
 
 def read_checkpoint(path, **config_overrides):
-    """Read and check a checkpoint: returns ``(config, weights)`` with numpy weights.
+    """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, numpy weights)``.
 
     ``config_overrides`` replace stored config fields that do not change shapes
     (e.g. ``dropout``, ``attention``, ``chunk_size``).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     arrays = read_npz(path, "checkpoint file")
     if CONFIG_KEY not in arrays:
         raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
@@ -86,7 +86,7 @@ def read_checkpoint(path, **config_overrides):
 
 
 def load(path, **config_overrides) -> BDH:
-    """Load a ready model from one ``.npz`` checkpoint (strict: every weight, right shapes)."""
+    """Load a ready model from one ``.npz`` checkpoint or Hub repo id (strict: every weight, right shapes)."""
     config, weights = read_checkpoint(path, **config_overrides)
     model = BDH(config)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)

@@ -149,7 +149,7 @@ def build_parser():
     parser = ArgumentParser(prog="bdh-mlx convert", description="Convert to and from the official PyTorch state_dict.")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-torch", type=Path, metavar="PT", help="official state_dict (.pt) to convert")
-    direction.add_argument("--to-torch", type=Path, metavar="NPZ", help="bdh-mlx checkpoint (.npz) to convert")
+    direction.add_argument("--to-torch", metavar="NPZ", help="bdh-mlx checkpoint (.npz or Hub repo id) to convert")
     parser.add_argument("--out", type=Path, required=True, help="file to write")
     parser.add_argument("--n-layer", type=positive_int, help="recurrent depth, not stored in a state_dict (default 6)")
     parser.add_argument("--dropout", type=number_in(0, 1, hi_open=True),

@@ -73,7 +73,7 @@ def add_eval_arguments(parser):
 
 def build_parser():
     parser = ArgumentParser(prog="bdh-mlx eval", description="Validation loss and bits per byte of a checkpoint.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint or Hub repo id")
     add_batch_arguments(parser)
     add_eval_arguments(parser)
     add_data_arguments(parser)

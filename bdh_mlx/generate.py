@@ -279,7 +279,7 @@ def build_parser():
         "the statistics to stderr.",
     )
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT",
-                   help="model checkpoint (.npz); --model is the mlx-lm spelling")
+                   help="checkpoint: .npz path or Hub repo id org/name[@revision]; --model is the mlx-lm spelling")
     p.add_argument("--prompt", "-p", required=True, help="text to continue; '-' reads standard input")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=256, help="bytes to generate")
     sampling = p.add_argument_group("sampling")
