@@ -11,6 +11,7 @@ import sys
 from .errors import BDHError
 from .utils import COMPUTE_DTYPES
 
+DEFAULT_BLOCK_SIZE, DEFAULT_BATCH_SIZE = 512, 32  # the official recipe
 SEED_MAX = 2**62  # mx.random.seed takes an unsigned 64-bit integer; leave room for seed + 1
 
 
@@ -73,7 +74,7 @@ non_negative_float = number_in(0)
 seed_int = number_in(0, SEED_MAX, kind=int)
 
 
-def add_batch_arguments(parser, block_size: int = 512, batch_size: int = 32):
+def add_batch_arguments(parser, block_size=DEFAULT_BLOCK_SIZE, batch_size=DEFAULT_BATCH_SIZE):
     """``--block-size``, ``--batch-size`` and ``--dtype``: the shape and precision of a batch (train, eval)."""
     group = parser.add_argument_group("batch and precision")
     group.add_argument("--block-size", type=positive_int, default=block_size, help="bytes per sequence")

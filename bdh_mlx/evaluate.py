@@ -3,6 +3,7 @@
 The same functions run inside ``bdh-mlx train`` at every evaluation.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -10,8 +11,16 @@ import mlx.core as mx
 import numpy as np
 
 from . import checkpoint
-from .arguments import ArgumentParser, add_batch_arguments, positive_int, run_command
+from .arguments import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_SIZE,
+    ArgumentParser,
+    add_batch_arguments,
+    positive_int,
+    run_command,
+)
 from .data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
+from .hub import resolve_checkpoint
 from .model import BDH
 from .utils import COMPUTE_DTYPES, eval_mode
 
@@ -74,16 +83,34 @@ def add_eval_arguments(parser):
 def build_parser():
     parser = ArgumentParser(prog="bdh-mlx eval", description="Validation loss and bits per byte of a checkpoint.")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint or Hub repo id")
-    add_batch_arguments(parser)
+    group = add_batch_arguments(parser, block_size=None, batch_size=None)
+    group.description = (f"--block-size and --batch-size default to those the checkpoint's run trained with "
+                         f"(else {DEFAULT_BLOCK_SIZE} and {DEFAULT_BATCH_SIZE})")
     add_eval_arguments(parser)
     add_data_arguments(parser)
     return parser
 
 
+def recorded_batch_shape(path: Path) -> dict:
+    """``block_size`` and ``batch_size`` the checkpoint's run trained with, from the run folder it sits in."""
+    for name in ("last.json", "run.json"):
+        try:
+            recorded = json.loads((path.parent / name).read_text())["args"]
+            return {k: int(recorded[k]) for k in ("block_size", "batch_size")}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
+
+
 def run(args):
-    model = checkpoint.load(args.checkpoint)
+    path = resolve_checkpoint(args.checkpoint)
+    model = checkpoint.load(path)
     model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
-    cache_dir = args.cache_dir or default_cache_dir(Path(args.checkpoint).resolve().parent)
+    shape = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
+    for name, value in shape.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    cache_dir = args.cache_dir or default_cache_dir(path.resolve().parent)
     corpus = load_corpus(args, cache_dir)
     corpus.check_block_size(args.block_size)
     batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)

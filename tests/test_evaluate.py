@@ -20,8 +20,9 @@ def finished_run(tmp_path, corpus_file):
 
 
 def test_eval_command_is_deterministic_and_matches_training(finished_run, corpus_file, capsys):
+    # Without --block-size and --batch-size, eval takes those the run trained with (32 x 4, from TINY_RUN).
     args = evaluate.build_parser().parse_args(
-        ["--checkpoint", str(finished_run / "last.npz"), "--data", str(corpus_file), *EVAL_SHAPE]
+        ["--checkpoint", str(finished_run / "last.npz"), "--data", str(corpus_file), "--eval-batches", "2"]
     )
     first, second = evaluate.run(args), evaluate.run(args)  # dropout 0.5 in the config: must be off
     assert first == second
@@ -30,6 +31,7 @@ def test_eval_command_is_deterministic_and_matches_training(finished_run, corpus
         assert first[key] == final[key], key  # the same function, batches and weights as in training
     out = capsys.readouterr().out
     assert f"val loss {final['val_loss']:.4f} | bits per byte {final['val_bpb']:.4f}" in out
+    assert "(2 x 4 x 32 bytes)" in out
 
 
 def test_sparsity_counts_nonzero_activations(finished_run, corpus_file):
