@@ -1,5 +1,6 @@
 """Small helpers shared by the library and the commands."""
 
+import errno
 import math
 import os
 import tempfile
@@ -42,7 +43,9 @@ def atomic_write(path, write):
     A crash or Ctrl-C midway leaves the old file (if any) untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory; a file name is needed", str(path))
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -51,9 +54,22 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: report the file the user named, not the temporary one
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename not in (None, tmp):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_dirs(path):
+    """``mkdir -p``; a file in the way is reported as "Not a directory", naming it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), e.filename) from None
 
 
 NPY_HEADER_MAX = 10_000  # numpy's own limit on a .npy header (read_array_header_*'s max_header_size)

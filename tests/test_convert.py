@@ -195,10 +195,11 @@ def test_torch_compiled_bf16_checkpoint_under_model(torch_model, tmp_path, capsy
     torch, model, config = torch_model
     wrapped = {"model": {f"_orig_mod.{k}": v.bfloat16() for k, v in model.state_dict().items()}, "step": 7}
     torch.save(wrapped, tmp_path / "ckpt.pt")
-    code, _, err = run_convert(["--from-torch", tmp_path / "ckpt.pt", "--out", tmp_path / "m.npz"], capsys)
+    code, _, err = run_convert(["--from-torch", tmp_path / "ckpt.pt", "--out", tmp_path / "m.npz", "--n-layer", 3],
+                               capsys)
     assert (code, err) == (0, "")
     converted, weights = read_checkpoint(tmp_path / "m.npz")
-    assert converted == BDHConfig.from_dict({**config.to_dict(), "n_layer": 6, "dropout": 0.1})  # the defaults
+    assert converted == BDHConfig.from_dict({**config.to_dict(), "n_layer": 3, "dropout": 0.1})  # default dropout
     assert sorted(weights) == sorted(WEIGHT_NAMES)
     for name in WEIGHT_NAMES:
         assert weights[name].dtype == np.float32
