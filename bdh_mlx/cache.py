@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
-from .utils import atomic_savez, read_npz
+from .utils import NpzReader, atomic_savez
 
 _OFFSET_KEY = "offset"
 
@@ -59,19 +59,31 @@ class BDHCache:
 
     @classmethod
     def load(cls, path, config=None) -> "BDHCache":
-        """Read a cache saved by ``save``; with ``config``, check that it fits that model."""
+        """Read a cache saved by ``save``; with ``config``, check that it fits that model.
+
+        Names, shapes and dtypes are checked from the ``.npy`` headers before any state is inflated.
+        """
         path = Path(path)
-        arrays = read_npz(path, "cache file")
-        n_layer = sum(k.startswith("state_") for k in arrays)
-        if _OFFSET_KEY not in arrays or n_layer == 0:
-            raise CheckpointError(f"{path}: not a bdh-mlx cache (no states or offset)")
-        cache = cls([mx.array(arrays[f"state_{i}"]) for i in range(n_layer)], mx.array(arrays[_OFFSET_KEY]))
-        if config is not None:
-            want = (config.n_head, config.n_neurons, config.n_embd)
-            got = tuple(cache.states[0].shape[1:])
-            if n_layer != config.n_layer or got != want:
-                raise CheckpointError(
-                    f"{path}: cache of {n_layer} layers of {got} does not fit the model "
-                    f"({config.n_layer} layers of {want})"
-                )
-        return cache
+        with NpzReader(path, "cache file") as npz:
+            n_layer = sum(name.startswith("state_") for name in npz.names)
+            names = [f"state_{i}" for i in range(n_layer)] + [_OFFSET_KEY]
+            if n_layer == 0 or set(names) != set(npz.names):
+                raise CheckpointError(f"{path}: not a bdh-mlx cache (entries state_0 ... state_<n-1> and offset)")
+            headers = {name: npz.header(name) for name in names}
+            shape = headers["state_0"].shape
+            if len(shape) != 4 or any(headers[name].shape != shape for name in names[:-1]):
+                raise CheckpointError(f"{path}: the states are not all of one (B, n_head, N, D) shape")
+            if headers[_OFFSET_KEY].shape != shape[:1]:
+                raise CheckpointError(f"{path}: offset has shape {headers[_OFFSET_KEY].shape}, expected {shape[:1]}")
+            if config is not None:
+                want = (config.n_head, config.n_neurons, config.n_embd)
+                if n_layer != config.n_layer or shape[1:] != want:
+                    raise CheckpointError(
+                        f"{path}: cache of {n_layer} layers of {shape[1:]} does not fit the model "
+                        f"({config.n_layer} layers of {want})"
+                    )
+            states = [mx.array(npz.read(name, kinds="f").astype(np.float32, copy=False)) for name in names[:-1]]
+            offset = npz.read(_OFFSET_KEY, kinds="iu")
+        if not ((offset >= 0) & (offset < 2**31)).all():
+            raise CheckpointError(f"{path}: offset holds positions outside [0, 2**31)")
+        return cls(states, mx.array(offset.astype(np.int32)))

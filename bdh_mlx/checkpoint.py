@@ -1,6 +1,8 @@
 """Self-describing ``.npz`` checkpoints: the official weight names plus the config as JSON."""
 
 import json
+import math
+from dataclasses import fields
 
 import mlx.core as mx
 import numpy as np
@@ -9,11 +11,15 @@ from mlx.utils import tree_flatten
 from .errors import BDHError, CheckpointError
 from .hub import resolve_checkpoint
 from .model import BDH, BDHConfig
-from .utils import atomic_savez, read_npz
+from .utils import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
 
 CONFIG_KEY = "__bdh_config__"
 FORMAT_KEY = "__bdh_format__"
 FORMAT_VERSION = 1
+CONFIG_MAX_BYTES = 64 * 1024  # the config JSON is a few hundred bytes
+SMALL_ENTRY_BYTES = NPY_PREFIX_MAX + NPY_HEADER_MAX + 8  # a .npy header and one scalar
+# Arrays a checkpoint may hold besides the weights: name -> shape for a config. Absent ones are fine.
+OPTIONAL_KEYS: dict = {}
 
 
 def weight_shapes(config: BDHConfig) -> dict:
@@ -29,20 +35,32 @@ def weight_shapes(config: BDHConfig) -> dict:
 
 
 def check_weights(source, config: BDHConfig, weights: dict):
-    """Raise CheckpointError naming ``source`` unless ``weights`` are the official names, shapes and float dtypes."""
-    expected = weight_shapes(config)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        problems = [f"missing {', '.join(missing)}"] if missing else []
-        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
-        raise CheckpointError(f"{source}: weights do not match the model: {'; '.join(problems)}")
+    """Raise CheckpointError naming ``source`` unless ``weights`` are the official names, shapes and float dtypes.
+
+    ``weights`` may be arrays or ``.npy`` headers (anything with ``shape`` and ``dtype``); names in
+    ``OPTIONAL_KEYS`` may be present too.
+    """
+    expected = expected_arrays(config, weights)
+    check_names(source, "weights do not match the model", expected, weights)
     for name, shape in expected.items():
         got = tuple(weights[name].shape)
         if got != shape:
             raise CheckpointError(f"{source}: {name} has shape {got}, but the config needs {shape}")
         if not np.issubdtype(weights[name].dtype, np.floating):
             raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected floating point")
+
+
+def expected_arrays(config: BDHConfig, names) -> dict:
+    """The shapes of the weights ``config`` needs, plus those of the optional arrays among ``names``."""
+    optional = {name: shape(config) for name, shape in OPTIONAL_KEYS.items() if name in names}
+    return {**weight_shapes(config), **optional}
+
+
+def check_finite(source, weights: dict):
+    """Raise CheckpointError naming ``source`` and the first array that holds NaN or an infinity."""
+    for name, array in weights.items():
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values (a diverged or damaged model)")
 
 
 def model_weights(model: BDH) -> dict:
@@ -63,32 +81,80 @@ def save(model: BDH, path):
     save_weights(path, model.config, model_weights(model))
 
 
+def read_config(source, raw: np.ndarray, overrides: dict) -> BDHConfig:
+    """The config stored as JSON bytes: a flat object holding every BDHConfig field (unknown keys ignored)."""
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{source}: unreadable config (a {raw.dtype} array of shape {raw.shape}, not bytes)")
+    try:
+        stored = json.loads(raw.tobytes().decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{source}: unreadable config (JSON nested too deeply)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: unreadable config ({e})") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{source}: unreadable config (a JSON {type(stored).__name__}, not an object)")
+    missing = [f.name for f in fields(BDHConfig) if f.name not in stored]
+    if missing:
+        raise CheckpointError(f"{source}: invalid config: missing {', '.join(missing)}")
+    nested = [key for key, value in stored.items() if isinstance(value, (dict, list))]
+    if nested:
+        raise CheckpointError(f"{source}: invalid config: {nested[0]} is not a single value")
+    try:
+        return BDHConfig.from_dict({**stored, **overrides})
+    except BDHError as e:
+        raise CheckpointError(f"{source}: invalid config: {e}") from None
+
+
+def check_format(source, npz: NpzReader):
+    """Refuse a checkpoint written in a newer format (a file without the entry is format 1)."""
+    if FORMAT_KEY not in npz.names:
+        return
+    version = npz.read(FORMAT_KEY, kinds="iu", max_bytes=SMALL_ENTRY_BYTES)
+    if version.size != 1:
+        raise CheckpointError(f"{source}: {FORMAT_KEY} holds {version.size} values, expected one version number")
+    version = int(version.reshape(()))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: checkpoint format {version} comes from a newer bdh-mlx; this version reads format "
+            f"{FORMAT_VERSION} (pip install -U bdh-mlx)"
+        )
+    if version < 1:
+        raise CheckpointError(f"{source}: unknown checkpoint format {version}")
+
+
 def read_checkpoint(path, **config_overrides):
-    """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, numpy weights)``.
+    """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, float32 weights)``.
 
     ``config_overrides`` replace stored config fields that do not change shapes
-    (e.g. ``dropout``, ``attention``, ``chunk_size``).
+    (e.g. ``dropout``, ``attention``, ``chunk_size``). The config is read first (at most
+    ``CONFIG_MAX_BYTES``); every weight's declared size and header are checked against it before
+    the weight is inflated; weights holding NaN or infinities are refused.
     """
     path = resolve_checkpoint(path)
-    arrays = read_npz(path, "checkpoint file")
-    if CONFIG_KEY not in arrays:
-        raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
-    try:
-        stored = json.loads(arrays.pop(CONFIG_KEY).tobytes().decode("utf-8"))
-        config = BDHConfig.from_dict({**stored, **config_overrides})
-    except BDHError as e:
-        raise CheckpointError(f"{path}: invalid config: {e}") from None
-    except (ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    arrays.pop(FORMAT_KEY, None)
-    check_weights(path, config, arrays)
-    return config, arrays
+    with NpzReader(path, "checkpoint file") as npz:
+        if CONFIG_KEY not in npz.names:
+            raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
+        check_format(path, npz)
+        raw = npz.read(CONFIG_KEY, kinds="u", max_bytes=SMALL_ENTRY_BYTES + CONFIG_MAX_BYTES)
+        config = read_config(path, raw, config_overrides)
+        names = [name for name in npz.names if name not in (CONFIG_KEY, FORMAT_KEY)]
+        expected = expected_arrays(config, names)
+        check_names(path, "weights do not match the model", expected, names)
+        for name, shape in expected.items():
+            npz.check_declared_size(name, SMALL_ENTRY_BYTES + math.prod(shape) * 8, f"the config needs {shape}")
+        check_weights(path, config, {name: npz.header(name) for name in expected})
+        weights = {name: npz.read(name, kinds="f").astype(np.float32, copy=False) for name in expected}
+    check_finite(path, weights)
+    return config, weights
 
 
 def load(path, **config_overrides) -> BDH:
-    """Load a ready model from one ``.npz`` checkpoint or Hub repo id (strict: every weight, right shapes)."""
+    """A ready model, in eval mode, from one ``.npz`` checkpoint or Hub repo id (strict: every weight, right shapes).
+
+    Call ``model.train()`` before training it further (dropout is off in eval mode).
+    """
     config, weights = read_checkpoint(path, **config_overrides)
     model = BDH(config)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
-    return model
+    return model.eval()

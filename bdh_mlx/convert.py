@@ -1,6 +1,6 @@
 """Convert between the official PyTorch BDH state_dict (``.pt``) and bdh-mlx checkpoints (``.npz``).
 
-    bdh-mlx convert --from-torch model.pt --out model.npz [--n-layer L] [--dropout P]
+    bdh-mlx convert --from-torch model.pt --out model.npz --n-layer L [--dropout P]
     bdh-mlx convert --to-torch model.npz --out model.pt
 
 The mapping itself is plain numpy (``from_torch_state_dict``, ``to_torch_state_dict``);
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import ArgumentParser, number_in, positive_int, run_command
-from .checkpoint import check_weights, read_checkpoint, save_weights, weight_shapes
+from .checkpoint import check_finite, check_weights, read_checkpoint, save_weights, weight_shapes
 from .errors import BDHError, CheckpointError
 from .model import BDHConfig, rope_frequencies
 from .utils import atomic_write
@@ -60,6 +60,7 @@ def from_torch_state_dict(state_dict: dict, n_layer: int = 6, dropout: float = 0
     except BDHError as e:
         raise CheckpointError(f"{source}: {e}") from None
     check_weights(source, config, weights)
+    check_finite(source, {name: weights[name] for name in weight_shapes(config)})
     if freqs is not None and freqs.shape != (1, 1, 1, N):
         raise CheckpointError(f"{source}: {FREQS_KEY} has shape {freqs.shape}, expected {(1, 1, 1, N)}")
     return config, {name: weights[name].astype(np.float32) for name in weight_shapes(config)}
@@ -87,8 +88,21 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def load_torch_state_dict(path) -> dict:
-    """Read a ``.pt`` state_dict (or a dict holding one under ``"model"``) as float32 numpy arrays."""
+def stored_model_args(obj) -> dict:
+    """The model config a training checkpoint may carry beside its weights (``model_args`` or ``config``), or {}."""
+    if not isinstance(obj, dict):
+        return {}
+    for key in ("model_args", "config"):
+        if isinstance(obj.get(key), dict) and "n_layer" in obj[key]:
+            return obj[key]
+    return {}
+
+
+def load_torch_checkpoint(path) -> tuple:
+    """Read a ``.pt`` state_dict (or a dict holding one under ``"model"``) as float32 numpy arrays.
+
+    Returns ``(state_dict, model_args)``: ``model_args`` is the config stored beside the weights, or {}.
+    """
     torch = _import_torch()
     path = Path(path)
     if not path.is_file():
@@ -101,12 +115,13 @@ def load_torch_state_dict(path) -> dict:
         ) from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    model_args = stored_model_args(obj)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state_dict (a dict of tensors, or one under 'model')")
     try:
-        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}, model_args
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: tensors that cannot be read as arrays ({_first_line(e)})") from None
 
@@ -131,9 +146,21 @@ def save_torch_state_dict(path, state_dict: dict):
     atomic_write(path, lambda f: torch.save(tensors, f))
 
 
-def torch_to_mlx(src, out, n_layer: int = 6, dropout: float = 0.1) -> BDHConfig:
-    """Convert an official ``.pt`` state_dict into a bdh-mlx ``.npz`` checkpoint."""
-    config, weights = from_torch_state_dict(load_torch_state_dict(src), n_layer, dropout, source=str(src))
+def torch_to_mlx(src, out, n_layer: int | None = None, dropout: float | None = None) -> BDHConfig:
+    """Convert an official ``.pt`` state_dict into a bdh-mlx ``.npz`` checkpoint.
+
+    ``n_layer`` is not in the weights: it must be given unless the file stores a config that holds it.
+    ``dropout`` defaults to the stored one, else 0.1.
+    """
+    state_dict, model_args = load_torch_checkpoint(src)
+    n_layer = model_args.get("n_layer") if n_layer is None else n_layer
+    if n_layer is None:
+        raise CheckpointError(
+            f"{src}: the number of layers is not stored in a state_dict (the weights are shared by all layers); "
+            f"give --n-layer, the depth the model was trained with"
+        )
+    dropout = model_args.get("dropout", 0.1) if dropout is None else dropout
+    config, weights = from_torch_state_dict(state_dict, n_layer, dropout, source=str(src))
     save_weights(out, config, weights)
     return config
 
@@ -151,9 +178,10 @@ def build_parser():
     direction.add_argument("--from-torch", type=Path, metavar="PT", help="official state_dict (.pt) to convert")
     direction.add_argument("--to-torch", metavar="NPZ", help="bdh-mlx checkpoint (.npz or Hub repo id) to convert")
     parser.add_argument("--out", type=Path, required=True, help="file to write")
-    parser.add_argument("--n-layer", type=positive_int, help="recurrent depth, not stored in a state_dict (default 6)")
+    parser.add_argument("--n-layer", type=positive_int, help="recurrent depth: not stored in a state_dict, so required "
+                        "unless the file stores a config with n_layer (under 'model_args' or 'config')")
     parser.add_argument("--dropout", type=number_in(0, 1, hi_open=True),
-                        help="dropout for further training (default 0.1)")
+                        help="dropout for further training (default: the stored one, else 0.1)")
     return parser
 
 

@@ -7,6 +7,7 @@ datasets and multi-file corpora are encoded once to a ``.bin`` byte file in a ca
 import glob
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .utils import atomic_write
 VAL_FRACTION = 0.1
 GLOB_CHARS = "*?["
 DATASET_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv"}
+# Files bdh-mlx writes (checkpoints, optimizer states, caches, run records): never training text in a --data folder.
+OWN_SUFFIXES = (".npz", ".npy", ".bin", ".json", ".jsonl", ".pt")
+SNIFF_BYTES = 8192
 
 
 @dataclass
@@ -76,17 +80,50 @@ def memmap_bytes(path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first ``SNIFF_BYTES``: not text (an array, an image, an archive)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(SNIFF_BYTES)
+
+
+def folder_files(spec: str, folder: Path) -> list:
+    """The text files under ``folder``, sorted: no dotfiles, none of the files bdh-mlx writes, nothing binary.
+
+    Says on stderr how many files (and bytes) were taken and how many were skipped.
+    """
+    files, skipped = [], {"ours": 0, "binary": 0, "hidden": 0}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            skipped["hidden"] += 1
+        elif p.suffix.lower() in OWN_SUFFIXES:
+            skipped["ours"] += 1
+        elif is_binary(p):
+            skipped["binary"] += 1
+        else:
+            files.append(p)
+    reasons = [
+        f"{skipped['ours']} {'/'.join(OWN_SUFFIXES)}" if skipped["ours"] else "",
+        f"{skipped['binary']} binary" if skipped["binary"] else "",
+        f"{skipped['hidden']} hidden" if skipped["hidden"] else "",
+    ]
+    skipped_text = f"skipped {sum(skipped.values())} ({', '.join(r for r in reasons if r)})" if any(reasons) else ""
+    if not files:
+        raise DataError(f"{spec}: the folder holds no text files{'; ' + skipped_text if skipped_text else ''}")
+    taken = sum(p.stat().st_size for p in files)
+    print(f"data: {spec}: took {len(files)} files ({taken:,} bytes)" + (f"; {skipped_text}" if skipped_text else ""),
+          file=sys.stderr)
+    return files
+
+
 def expand_paths(spec: str) -> list:
-    """A file, every visible file under a folder, or the files a glob matches, sorted."""
+    """A file, the text files under a folder (see ``folder_files``), or the files a glob matches, sorted."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        visible = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
-        files = sorted(p for p in visible if p.is_file())
-        if not files:
-            raise DataError(f"{spec}: the folder holds no files")
-        return files
+        return folder_files(spec, path)
     if any(c in spec for c in GLOB_CHARS):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
@@ -125,6 +162,16 @@ def load_bytes(spec: str, cache_dir) -> np.ndarray:
     return memmap_bytes(cached)
 
 
+def looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub name (``name`` or ``owner/name``): never to be tried on the Hub."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or Path(spec).suffix.lower() in DATASET_FILE_BUILDERS
+    )
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
 
@@ -149,8 +196,6 @@ def open_dataset(spec: str, split: str):
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
-        if spec.startswith((".", "/", "~")):
-            raise DataError(f"{spec}: no such dataset file or folder")
         return datasets.load_dataset(spec, split=split)  # a hub name
     except DataError:
         raise
@@ -186,6 +231,8 @@ def _dataset_key(spec: str, split: str, text_field) -> dict:
 
 def load_dataset_bytes(spec: str, split: str, text_field, cache_dir) -> np.ndarray:
     """A dataset split's text column as UTF-8 bytes (rows joined by newlines), encoded once and cached."""
+    if looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise DataError(f"{spec}: no such dataset file or folder")
     cached = Path(cache_dir) / _cache_name("dataset", _dataset_key(spec, split, text_field))
     if cached.exists():
         return memmap_bytes(cached)

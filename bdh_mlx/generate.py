@@ -58,7 +58,13 @@ class GenerationResponse:
 def encode_prompt(prompt, vocab_size: int = 256) -> list:
     """A prompt as token ids: a ``str`` (UTF-8 bytes), ``bytes`` or a sequence of ints."""
     if isinstance(prompt, str):
-        prompt = prompt.encode("utf-8")
+        try:
+            prompt = prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BDHError(
+                f"the prompt holds {prompt[e.start]!r} at position {e.start}, which UTF-8 cannot encode "
+                f"(a lone surrogate); pass bytes to use raw bytes"
+            ) from None
     tokens = [int(t) for t in prompt]
     if not tokens:
         raise BDHError("the prompt is empty; give at least one character")

@@ -38,6 +38,21 @@ PRESETS = {
     "100m": dict(n_layer=6, n_embd=512, n_head=8, mlp_internal_dim_multiplier=128),
 }
 
+# Sane upper bounds: far above any real model, low enough that a crafted config cannot hang or overflow.
+SIZE_LIMITS = {
+    "n_layer": 1024,
+    "n_embd": 65536,
+    "n_head": 1024,
+    "mlp_internal_dim_multiplier": 65536,
+    "vocab_size": 2**20,
+    "chunk_size": 2**20,
+}
+MAX_PARAMETERS = 2**34
+
+
+def _describe_int(value: int) -> str:
+    return str(value) if value.bit_length() <= 64 else f"about 2**{int(value).bit_length() - 1}"
+
 
 @dataclass
 class BDHConfig:
@@ -53,13 +68,16 @@ class BDHConfig:
     chunk_size: int = 256
 
     def __post_init__(self):
-        for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size", "chunk_size"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"{name} must be at most {limit:,}, got {_describe_int(value)}")
             setattr(self, name, int(value))
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.number)) or not 0 <= dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(self.dropout)
         if self.attention not in ATTENTION_FORMS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, got {self.attention!r}")
@@ -67,6 +85,10 @@ class BDHConfig:
             raise ConfigError(
                 f"mlp_internal_dim_multiplier * n_embd // n_head must be even and positive for RoPE, "
                 f"got {self.n_neurons}"
+            )
+        if self.num_parameters > MAX_PARAMETERS:
+            raise ConfigError(
+                f"the config has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
             )
 
     @property

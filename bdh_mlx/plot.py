@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .arguments import ArgumentParser, run_command
 from .errors import ConfigError, DataError
+from .utils import atomic_write, make_dirs
 
 
 def read_metrics(run_dir) -> list:
@@ -37,7 +38,7 @@ def plot_run(run_dir, out=None) -> list:
         raise ConfigError("plotting needs matplotlib: pip install 'bdh-mlx[plot]'") from None
     records = read_metrics(run_dir)
     out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     name = Path(run_dir).resolve().name
 
     def chart(filename, title, ylabel, lines, log_y=False):
@@ -52,8 +53,10 @@ def plot_run(run_dir, out=None) -> list:
         ax.legend()
         fig.tight_layout()
         path = out / filename
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        finally:
+            plt.close(fig)
         return path
 
     paths = [

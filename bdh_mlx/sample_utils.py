@@ -33,7 +33,9 @@ def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
 
 
 def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
-    """Keep the tokens whose probability is at least ``min_p`` times that of the most likely one."""
+    """Keep the tokens whose probability is at least ``min_p`` times that of the most likely one (0 keeps all)."""
+    if min_p <= 0:
+        return logprobs
     threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
     return mx.where(logprobs >= threshold, logprobs, NEG_INF)
 

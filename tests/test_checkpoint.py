@@ -134,3 +134,11 @@ def test_unknown_config_keys_are_ignored(model, tmp_path):
     path = tmp_path / "future.npz"
     with_config(path, model, json.dumps({**TINY.to_dict(), "rope_theta": 65536, "note": "from a newer version"}))
     assert bdh_mlx.load(path).config == model.config
+
+
+def test_load_returns_an_eval_mode_model(saved):
+    """Like mlx-lm's load: dropout is off when the model is called right after loading."""
+    model = bdh_mlx.load(saved, dropout=0.5)
+    assert model.training is False
+    idx = mx.array([[1, 2, 3, 4]])
+    assert np.array_equal(np.array(model(idx)[0]), np.array(model(idx)[0]))

@@ -12,9 +12,9 @@ import pytest
 from parity_fixtures import WEIGHT_NAMES, fixture_inputs, read_fixture
 
 import bdh_mlx
-from bdh_mlx import cli
+from bdh_mlx import cli, convert
 from bdh_mlx.checkpoint import read_checkpoint
-from bdh_mlx.convert import TORCH_MISSING, from_torch_state_dict, to_torch_state_dict
+from bdh_mlx.convert import TORCH_MISSING, from_torch_state_dict, stored_model_args, to_torch_state_dict
 from bdh_mlx.errors import CheckpointError
 from bdh_mlx.model import BDHConfig
 
@@ -195,10 +195,11 @@ def test_torch_compiled_bf16_checkpoint_under_model(torch_model, tmp_path, capsy
     torch, model, config = torch_model
     wrapped = {"model": {f"_orig_mod.{k}": v.bfloat16() for k, v in model.state_dict().items()}, "step": 7}
     torch.save(wrapped, tmp_path / "ckpt.pt")
-    code, _, err = run_convert(["--from-torch", tmp_path / "ckpt.pt", "--out", tmp_path / "m.npz"], capsys)
+    code, _, err = run_convert(["--from-torch", tmp_path / "ckpt.pt", "--out", tmp_path / "m.npz", "--n-layer", 3],
+                               capsys)
     assert (code, err) == (0, "")
     converted, weights = read_checkpoint(tmp_path / "m.npz")
-    assert converted == BDHConfig.from_dict({**config.to_dict(), "n_layer": 6, "dropout": 0.1})  # the defaults
+    assert converted == BDHConfig.from_dict({**config.to_dict(), "n_layer": 3, "dropout": 0.1})  # default dropout
     assert sorted(weights) == sorted(WEIGHT_NAMES)
     for name in WEIGHT_NAMES:
         assert weights[name].dtype == np.float32
@@ -243,3 +244,58 @@ def test_written_freqs_are_torch_own_for_large_n(torch_model):
     want = get_freqs(n, theta=2**16, dtype=torch.float32).view(1, 1, 1, n)
     assert torch.equal(official_freqs(torch, n), want)
     np.testing.assert_array_max_ulp(np.array(rope_frequencies(n)), want.numpy().ravel(), maxulp=4)
+
+
+def fake_torch_file(monkeypatch, tmp_path, model_args):
+    """A .pt stand-in: ``load_torch_checkpoint`` returns the base fixture's weights and ``model_args``."""
+    monkeypatch.setattr(convert, "load_torch_checkpoint", lambda path: (official_state_dict(read_fixture("base")),
+                                                                        model_args))
+    monkeypatch.chdir(tmp_path)
+    return ["--from-torch", "m.pt", "--out", "m.npz"]
+
+
+def test_from_torch_needs_n_layer_unless_the_file_stores_it(monkeypatch, tmp_path, capsys):
+    argv = fake_torch_file(monkeypatch, tmp_path, {})
+    code, out, err = run_convert(argv, capsys)
+    assert (code, out) == (2, "")
+    assert err == ("bdh-mlx convert: error: m.pt: the number of layers is not stored in a state_dict (the weights are "
+                   "shared by all layers); give --n-layer, the depth the model was trained with\n")
+    assert list(tmp_path.iterdir()) == []
+    assert run_convert([*argv, "--n-layer", "3"], capsys)[0] == 0
+    assert read_checkpoint(tmp_path / "m.npz")[0].n_layer == 3
+
+
+def test_from_torch_takes_a_stored_config(monkeypatch, tmp_path, capsys):
+    argv = fake_torch_file(monkeypatch, tmp_path, {"n_layer": 4, "dropout": 0.0, "n_embd": 999})
+    assert run_convert(argv, capsys)[0] == 0
+    config = read_checkpoint(tmp_path / "m.npz")[0]
+    assert (config.n_layer, config.dropout, config.n_embd) == (4, 0.0, read_fixture("base")["embed.weight"].shape[1])
+    assert run_convert([*argv, "--n-layer", "2", "--dropout", "0.3"], capsys)[0] == 0  # the flags win
+    assert read_checkpoint(tmp_path / "m.npz")[0].n_layer == 2
+
+
+def test_stored_model_args():
+    assert stored_model_args({"model": {}, "model_args": {"n_layer": 4}}) == {"n_layer": 4}  # nanoGPT
+    assert stored_model_args({"config": {"n_layer": 5, "lr": 1}}) == {"n_layer": 5, "lr": 1}
+    assert stored_model_args({"config": {"lr": 1}}) == {}
+    assert stored_model_args({"encoder": np.zeros(3)}) == {}
+    assert stored_model_args([1, 2]) == {}
+
+
+def test_non_finite_torch_weights_are_refused():
+    state_dict = official_state_dict(read_fixture("base"))
+    state_dict["decoder"] = np.where(np.arange(state_dict["decoder"].size) == 7, np.inf, 0.0).reshape(
+        state_dict["decoder"].shape
+    )
+    with pytest.raises(CheckpointError, match=r"^model.pt: decoder holds NaN or infinite values"):
+        from_torch_state_dict(state_dict, n_layer=2, source="model.pt")
+
+
+@pytest.mark.torch
+def test_torch_checkpoint_with_model_args(torch_model, tmp_path, capsys):
+    """A nanoGPT-style training checkpoint carries its config: no --n-layer needed. Needs torch."""
+    torch, model, config = torch_model
+    torch.save({"model": model.state_dict(), "model_args": {"n_layer": 3, "dropout": 0.0}}, tmp_path / "ckpt.pt")
+    code, _, err = run_convert(["--from-torch", tmp_path / "ckpt.pt", "--out", tmp_path / "m.npz"], capsys)
+    assert (code, err) == (0, "")
+    assert read_checkpoint(tmp_path / "m.npz")[0] == BDHConfig.from_dict({**config.to_dict(), "n_layer": 3})

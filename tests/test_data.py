@@ -1,11 +1,12 @@
 import argparse
 import json
+import re
 from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 
-from bdh_mlx.data import BatchSampler, eval_batches, load_corpus
+from bdh_mlx.data import BatchSampler, eval_batches, load_corpus, looks_like_path
 from bdh_mlx.errors import DataError
 
 
@@ -127,3 +128,44 @@ def test_missing_and_empty_sources(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(DataError, match="empty.txt: the corpus is empty"):
         load_corpus(data_args(data=str(tmp_path / "empty.txt")), tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["data/train.jsonl", "./corpus", "~/nowhere/x", "typo.parquet", "a/b/c", "x.txt"])
+def test_missing_local_dataset_path_is_never_tried_on_the_hub(spec, tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was tried")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"^{re.escape(spec)}: no such dataset file or folder$"):
+        load_corpus(data_args(dataset=spec), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("spec", ["roneneldan/TinyStories", "wikitext", "allenai/c4"])
+def test_hub_names_do_not_look_like_paths(spec):
+    assert not looks_like_path(spec)
+
+
+def test_folder_skips_our_own_and_binary_files_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "runs"
+    (folder / "run").mkdir(parents=True)
+    (folder / "data_cache").mkdir()
+    (folder / "notes.md").write_bytes(b"N" * 100)
+    (folder / "run" / "log.txt").write_bytes(b"L" * 50)
+    (folder / "run" / "last.npz").write_bytes(b"PK\x03\x04" + b"w" * 500)
+    (folder / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "run" / "last.json").write_text("{}")
+    (folder / "data_cache" / "files-0123.bin").write_bytes(b"cached text" * 30)
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + b"x" * 100)
+    (folder / ".hidden.txt").write_text("secret")
+    corpus = load_corpus(data_args(data=str(folder)), tmp_path / "cache")
+    assert corpus.train.tobytes() + corpus.val.tobytes() == b"N" * 100 + b"L" * 50
+    assert capsys.readouterr().err.splitlines()[0] == (  # then tqdm's progress
+        f"data: {folder}: took 2 files (150 bytes); skipped 6 (4 .npz/.npy/.bin/.json/.jsonl/.pt, 1 binary, 1 hidden)"
+    )
+    (folder / "notes.md").unlink()
+    (folder / "run" / "log.txt").unlink()
+    with pytest.raises(DataError, match=r"the folder holds no text files; skipped 6 \(4 "):
+        load_corpus(data_args(data=str(folder)), tmp_path / "cache")

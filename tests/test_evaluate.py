@@ -66,3 +66,15 @@ def test_plot_writes_pngs(finished_run, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err == f"bdh-mlx plot: error: {tmp_path}: no metrics.jsonl (is it a bdh-mlx run folder?)\n"
+
+
+def test_plot_out_under_a_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0, "lr": 0.001}\n')
+    (tmp_path / "file").write_text("kept")
+    assert plot.main([str(run), "--out", str(tmp_path / "file" / "charts")]) == 2
+    assert capsys.readouterr().err == f"bdh-mlx plot: error: {tmp_path / 'file' / 'charts'}: Not a directory\n"
+    assert plot.main([str(run), "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"bdh-mlx plot: error: {tmp_path / 'file'}: Not a directory\n"
+    assert (tmp_path / "file").read_text() == "kept"

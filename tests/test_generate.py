@@ -1,6 +1,8 @@
 """Generation: cached decoding equals recomputation, UTF-8 streaming, stop strings, seeds, batches, the CLI."""
 
+import errno
 import io
+import os
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bdh_mlx import checkpoint
+from bdh_mlx import BDHError, checkpoint
 from bdh_mlx.generate import (
     _split_at_stop,
     batch_generate,
@@ -230,3 +232,49 @@ def test_cli_entry_point_exit_code(tmp_path):
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and "no such checkpoint file" in result.stderr
+
+
+def test_lone_surrogate_prompt_is_a_bdh_error(model):
+    with pytest.raises(BDHError, match=r"^the prompt holds '\\ud800' at position 2, which UTF-8 cannot encode"):
+        generate(model, "ab\ud800", max_tokens=3)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_cli_refuses_seeds_mlx_cannot_take(seed, ckpt, capsys):
+    code, out, err = run_cli(["--checkpoint", str(ckpt), "--prompt", "x", "--seed", seed], capsys)
+    assert (code, out) == (2, "")
+    assert err == f"bdh-mlx generate: error: argument --seed: must be an integer in [0, {2**62}], got {seed}\n"
+
+
+def save_cache_error(ckpt, capsys, target):
+    argv = ["--checkpoint", str(ckpt), "--prompt", "x", "--max-tokens", "2", "--save-cache", str(target)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_save_cache_to_a_directory_or_under_a_file(ckpt, capsys, tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "keep").mkdir(parents=True)
+    err = save_cache_error(ckpt, capsys, folder)
+    assert err == f"bdh-mlx generate: error: {folder}: is a directory; a file name is needed\n"
+    assert [p.name for p in folder.iterdir()] == ["keep"]
+    (tmp_path / "file").write_text("kept")
+    err = save_cache_error(ckpt, capsys, tmp_path / "file" / "cache.npz")
+    assert err == f"bdh-mlx generate: error: {tmp_path / 'file'}: Not a directory\n"
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_cli_save_cache_on_a_full_disk(ckpt, capsys, tmp_path, monkeypatch):
+    target = tmp_path / "cache.npz"
+    target.write_bytes(b"the previous cache")
+
+    def full_disk(file, **arrays):
+        file.write(b"PK\x03\x04 part of a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    err = save_cache_error(ckpt, capsys, target)
+    assert err == f"bdh-mlx generate: error: {target}: No space left on device\n"
+    assert target.read_bytes() == b"the previous cache"  # the old file is untouched, no temporary file is left
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.npz"]

@@ -70,6 +70,18 @@ def test_from_dict_ignores_unknown_keys():
         ({"dropout": -0.1}, "dropout must be in [0, 1), got -0.1"),
         ({"attention": "flash"}, "attention must be one of auto, parallel, chunked, got 'flash'"),
         ({"n_embd": 6, "n_head": 2, "mlp_internal_dim_multiplier": 1}, "must be even and positive for RoPE, got 3"),
+        ({"n_layer": 10**9}, "n_layer must be at most 1,024, got 1000000000"),
+        ({"n_layer": 10**30}, "n_layer must be at most 1,024, got about 2**99"),
+        ({"n_embd": 65537}, "n_embd must be at most 65,536, got 65537"),
+        ({"n_head": 1025}, "n_head must be at most 1,024, got 1025"),
+        ({"vocab_size": 2**20 + 1}, "vocab_size must be at most 1,048,576, got 1048577"),
+        ({"chunk_size": 2**20 + 1}, "chunk_size must be at most 1,048,576, got 1048577"),
+        ({"mlp_internal_dim_multiplier": 65537}, "mlp_internal_dim_multiplier must be at most 65,536, got 65537"),
+        # 3 * n_head * N * D with D = 2**16, N = 2**17: 3 * 2**33 weights, plus 2 * V * D
+        ({"n_embd": 65536, "n_head": 1, "mlp_internal_dim_multiplier": 2},
+         f"the config has {3 * 2**33 + 2 * 256 * 2**16:,} parameters, more than the 17,179,869,184 (2**34)"),
+        ({"dropout": float("nan")}, "dropout must be in [0, 1), got nan"),
+        ({"dropout": "0.1"}, "dropout must be in [0, 1), got '0.1'"),
     ],
 )
 def test_invalid_config_values(fields, message):

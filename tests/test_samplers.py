@@ -110,3 +110,9 @@ def test_make_logits_processors():
     out = penalty(mx.array([[0, 2, 3]]), mx.array([[3.0, 3.0, 3.0, -3.0]]))
     assert out.tolist() == [[3.0, 3.0, 2.0, -4.5]]
     assert math.isclose(out[0, 2].item(), 3.0 / 1.5)
+
+
+def test_min_p_zero_keeps_every_token():
+    lp = logprobs(PROBS, [1.0, 0.0, 0.0, 0.0])
+    assert kept(apply_min_p(lp, 0)) == [[0, 1, 2, 3], [0]]
+    np.testing.assert_array_equal(np.array(apply_min_p(lp, 0.0)), np.array(lp))
