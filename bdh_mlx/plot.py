@@ -1,23 +1,22 @@
 """``bdh-mlx plot RUN_DIR``: PNG charts of a run's ``metrics.jsonl`` (needs matplotlib)."""
 
-import json
+import sys
 from pathlib import Path
 
 from .arguments import ArgumentParser, run_command
 from .errors import ConfigError, DataError
+from .run_folder import RunFolder
 from .utils import atomic_write, make_dirs
 
 
 def read_metrics(run_dir) -> list:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    """The run's records (a torn last line, from a run killed while logging, is left out)."""
+    run = RunFolder(run_dir)
+    if not run.metrics_path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (is it a bdh-mlx run folder?)")
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except ValueError as e:
-        raise DataError(f"{path}: unreadable line ({e})") from None
+    records = run.read_metrics()
     if not records:
-        raise DataError(f"{path}: no metrics yet")
+        raise DataError(f"{run.metrics_path}: no metrics yet")
     return records
 
 
@@ -28,7 +27,7 @@ def series(records, key):
 
 
 def plot_run(run_dir, out=None) -> list:
-    """Write loss.png, bpb.png, sparsity.png and lr.png; returns the paths written."""
+    """Write loss.png, lr.png and, once the run has evaluated, bpb.png and sparsity.png; returns the paths written."""
     try:
         import matplotlib
 
@@ -62,12 +61,15 @@ def plot_run(run_dir, out=None) -> list:
     paths = [
         chart("loss.png", "loss", "cross-entropy (nats)",
               [("train", series(records, "train_loss"), "-"), ("validation", series(records, "val_loss"), "o-")]),
-        chart("bpb.png", "validation bits per byte", "bits per byte",
-              [("validation", series(records, "val_bpb"), "o-")]),
         chart("lr.png", "learning rate", "learning rate", [("lr", series(records, "lr"), "-")]),
     ]
     evals = [r for r in records if "sparsity_x" in r]
-    if evals:
+    if not evals:
+        print(f"bdh-mlx plot: {run_dir} has no evaluation yet (up to step {records[-1]['step']}): bpb.png and "
+              f"sparsity.png are drawn after the first one", file=sys.stderr)
+    else:
+        paths.insert(1, chart("bpb.png", "validation bits per byte", "bits per byte",
+                              [("validation", series(records, "val_bpb"), "o-")]))
         steps = [r["step"] for r in evals]
         lines = []
         for layer in range(len(evals[-1]["sparsity_x"])):

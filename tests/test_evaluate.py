@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -58,7 +59,7 @@ def test_eval_bad_input(tmp_path, corpus_file, capsys):
 
 def test_plot_writes_pngs(finished_run, tmp_path, capsys):
     plot.main([str(finished_run), "--out", str(tmp_path / "charts")])
-    names = ["loss.png", "bpb.png", "lr.png", "sparsity.png"]
+    names = ["loss.png", "bpb.png", "lr.png", "sparsity.png"]  # in this order
     assert capsys.readouterr().out.split() == [str(tmp_path / "charts" / n) for n in names]
     for name in names:
         assert (tmp_path / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,3 +79,17 @@ def test_plot_out_under_a_file(tmp_path, capsys):
     assert plot.main([str(run), "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err == f"bdh-mlx plot: error: {tmp_path / 'file'}: Not a directory\n"
     assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_plot_before_the_first_evaluation_draws_what_exists(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0, "lr": 0.001}\n'
+                                       '{"step": 10, "train_loss": 4.0, "lr": 0.001}\n{"step": 2')  # torn last line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no matplotlib warning (e.g. an empty legend)
+        assert plot.main([str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(run / "loss.png"), str(run / "lr.png")]
+    assert err == (f"bdh-mlx plot: {run} has no evaluation yet (up to step 10): bpb.png and sparsity.png are drawn "
+                   f"after the first one\n")
