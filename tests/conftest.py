@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never reach the network
@@ -16,3 +17,16 @@ def corpus_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     return path
+
+
+# The official parameter names (no attn.freqs: the RoPE frequencies are a constant, not saved).
+WEIGHT_NAMES = ("embed.weight", "encoder", "encoder_v", "decoder", "lm_head")
+FP32_TOL = 1e-4
+
+
+def assert_close(got, want, what, tol=FP32_TOL):
+    """``got`` equals ``want`` (same shape) within ``tol``, absolute and relative; the message says by how much."""
+    got, want = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    diff = float(np.abs(got - want).max()) if got.size else 0.0
+    assert np.allclose(got, want, atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from conftest import WEIGHT_NAMES
 
 from bdh_mlx.model import BDH, BDHConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
-WEIGHT_NAMES = ("embed.weight", "encoder", "encoder_v", "decoder", "lm_head")
 
 
 def read_fixture(name: str) -> dict:

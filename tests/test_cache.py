@@ -3,18 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from bdh_mlx.cache import BDHCache
 from bdh_mlx.errors import CheckpointError
 from bdh_mlx.model import BDH, BDHConfig
-
-TOL = 1e-4
-
-
-def assert_close(got, want, what, tol=TOL):
-    got, want = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    assert np.allclose(got, want, atol=tol, rtol=tol), f"{what}: max abs diff {np.abs(got - want).max():.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import WEIGHT_NAMES
 
 import bdh_mlx
 from bdh_mlx import BDH, BDHConfig, CheckpointError
 from bdh_mlx.checkpoint import CONFIG_KEY, FORMAT_KEY, model_weights, save_weights, weight_shapes
 
-OFFICIAL_NAMES = {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
 TINY = BDHConfig.from_preset("tiny", dropout=0.0)
 
 
@@ -36,7 +36,7 @@ def test_round_trip_gives_identical_logits(model, saved):
 def test_layout_is_the_official_names_plus_the_config(model, saved):
     with np.load(saved, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
-    assert set(arrays) == OFFICIAL_NAMES | {CONFIG_KEY, FORMAT_KEY}  # no attn.freqs, no _freqs
+    assert set(arrays) == set(WEIGHT_NAMES) | {CONFIG_KEY, FORMAT_KEY}  # no attn.freqs, no _freqs
     assert json.loads(arrays[CONFIG_KEY].tobytes().decode("utf-8")) == model.config.to_dict()
     for name, shape in weight_shapes(model.config).items():
         assert arrays[name].shape == shape and arrays[name].dtype == np.float32

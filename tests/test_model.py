@@ -3,12 +3,13 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import WEIGHT_NAMES
 from mlx.utils import tree_flatten
 
 from bdh_mlx import BDH, PRESETS, BDHConfig, ConfigError
+from bdh_mlx import model as model_module
 from bdh_mlx.checkpoint import weight_shapes
-
-OFFICIAL_NAMES = {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+from bdh_mlx.model import dropout, random_keys
 
 
 def count(tree) -> int:
@@ -31,12 +32,8 @@ def test_preset_models_have_the_official_parameters(name):
     model = BDH(config)
     shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     assert shapes == weight_shapes(config)
-    assert set(shapes) == OFFICIAL_NAMES
+    assert set(shapes) == set(WEIGHT_NAMES)
     assert count(model.trainable_parameters()) == config.num_parameters
-
-
-def test_n_layer_does_not_change_the_parameter_count():
-    assert BDHConfig(n_layer=1).num_parameters == BDHConfig(n_layer=12).num_parameters
 
 
 def test_unknown_preset_lists_the_valid_ones():
@@ -93,12 +90,28 @@ def test_invalid_config_values(fields, message):
 def test_rope_frequencies_are_a_constant_not_a_parameter():
     model = BDH(BDHConfig.from_preset("tiny"))
     assert model._freqs.shape == (model.config.n_neurons,)
-    assert set(dict(tree_flatten(model.parameters()))) == OFFICIAL_NAMES
-    assert set(dict(tree_flatten(model.trainable_parameters()))) == OFFICIAL_NAMES
+    assert set(dict(tree_flatten(model.parameters()))) == set(WEIGHT_NAMES)
+    assert set(dict(tree_flatten(model.trainable_parameters()))) == set(WEIGHT_NAMES)
 
 
 def tiny_batch(config, B=2, T=12, seed=0):
     return mx.random.randint(0, config.vocab_size, (B, T), key=mx.random.key(seed))
+
+
+def test_dropout_zeroes_p_and_scales_the_rest():
+    x = mx.ones((2, 3, 64, 512))
+    out = np.array(dropout(x, 0.3, random_keys(3)))
+    assert abs((out == 0).mean() - 0.3) < 0.01  # 196,608 draws: the standard error is 0.001
+    np.testing.assert_allclose(out[out != 0], 1 / 0.7, rtol=1e-6)
+
+
+def test_the_model_drops_with_its_configured_rate(monkeypatch):
+    rates = []
+    real = model_module.dropout
+    monkeypatch.setattr(model_module, "dropout", lambda x, p, keys: rates.append(p) or real(x, p, keys))
+    model = BDH(BDHConfig.from_preset("tiny", dropout=0.3)).train()
+    model(tiny_batch(model.config))
+    assert rates == [0.3] * model.config.n_layer
 
 
 def test_dropout_only_in_train_mode():
@@ -120,16 +133,3 @@ def test_loss_is_the_mean_cross_entropy():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, targets[..., None], axis=-1).mean()
     assert abs(loss.item() - want) < 1e-5
-
-
-def test_bf16_compute():
-    model = BDH(BDHConfig.from_preset("tiny", dropout=0.0)).eval()
-    idx = tiny_batch(model.config)
-    fp32, _ = model(idx)
-    activations = []
-    logits, loss = model.set_compute_dtype(mx.bfloat16)(idx, idx, activations=activations)
-    assert logits.dtype == mx.float32 and loss.dtype == mx.float32
-    assert activations[0]["x"].dtype == mx.bfloat16  # the compute really is bf16
-    assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()))
-    assert np.isfinite(np.array(logits)).all() and np.isfinite(loss.item())
-    assert np.abs(np.array(logits) - np.array(fp32)).max() < 0.05

@@ -116,3 +116,16 @@ def test_min_p_zero_keeps_every_token():
     lp = logprobs(PROBS, [1.0, 0.0, 0.0, 0.0])
     assert kept(apply_min_p(lp, 0)) == [[0, 1, 2, 3], [0]]
     np.testing.assert_array_equal(np.array(apply_min_p(lp, 0.0)), np.array(lp))
+
+
+@pytest.mark.parametrize(("options", "want"), [
+    (dict(temperature=1.0, top_k=1, top_p=0.95, min_p=0.05), {1}),  # top-k decides
+    (dict(temperature=1.0, top_k=4, top_p=0.3, min_p=0.05), {1}),  # top-p decides
+    (dict(temperature=1.0, top_k=4, top_p=0.95, min_p=0.6), {1}),  # min-p decides
+    (dict(temperature=1.0, top_k=2, min_p=0.25), {1, 3}),  # both keep more alone: {1, 3} and {0, 1, 3}
+    (dict(temperature=2.0, top_p=0.5), {1}),  # filters act at temperature 1: at 2, top-p 0.5 would keep {1, 3}
+])
+def test_filters_combine_as_the_intersection_at_temperature_one(options, want):
+    lp = mx.broadcast_to(logprobs(PROBS), (3000, 4))
+    tokens = np.array(make_sampler(**options)(lp, key=mx.random.key(7)))
+    assert set(tokens.tolist()) == want
