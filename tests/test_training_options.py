@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -144,3 +145,9 @@ def test_metrics_reader_skips_only_a_torn_last_line(tmp_path):
     run.metrics_path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(CheckpointError, match="line 2 is not JSON"):
         run.read_metrics()
+
+
+def test_the_example_run_config_is_valid():
+    path = Path(__file__).parent.parent / "examples" / "run.toml"
+    values = train.read_config_file(train.build_parser(), path)
+    assert values["preset"] == "small" and values["steps"] == 500 and values["lr"] == 3e-3
