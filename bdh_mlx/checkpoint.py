@@ -8,12 +8,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import BDHError, CheckpointError
-from .model import BDH, BDHConfig
+from .model import BDH, BDHConfig, rope_frequencies
 from .utils import atomic_savez, read_npz
 
 CONFIG_KEY = "__bdh_config__"
 FORMAT_KEY = "__bdh_format__"
 FORMAT_VERSION = 1
+# Per-neuron RoPE frequencies (N,), stored only when they are not rope_frequencies(N): merged models.
+ROPE_FREQS_KEY = "rope_freqs"
 
 
 def weight_shapes(config: BDHConfig) -> dict:
@@ -58,13 +60,21 @@ def save_weights(path, config: BDHConfig, weights: dict):
     atomic_savez(path, arrays)
 
 
+def model_rope_freqs(model: BDH) -> dict:
+    """``{ROPE_FREQS_KEY: freqs}`` when the model's RoPE frequencies are not the default ones, else ``{}``."""
+    freqs = np.array(model._freqs)
+    return {} if np.array_equal(freqs, np.array(rope_frequencies(freqs.size))) else {ROPE_FREQS_KEY: freqs}
+
+
 def save(model: BDH, path):
     """Save ``model`` as one ``.npz`` that ``load`` turns back into a ready model."""
-    save_weights(path, model.config, model_weights(model))
+    save_weights(path, model.config, {**model_weights(model), **model_rope_freqs(model)})
 
 
 def read_checkpoint(path, **config_overrides):
     """Read and check a checkpoint: returns ``(config, weights)`` with numpy weights.
+
+    ``weights`` also holds ``rope_freqs`` when the checkpoint stores per-neuron RoPE frequencies.
 
     ``config_overrides`` replace stored config fields that do not change shapes
     (e.g. ``dropout``, ``attention``, ``chunk_size``).
@@ -81,14 +91,20 @@ def read_checkpoint(path, **config_overrides):
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
     arrays.pop(FORMAT_KEY, None)
+    freqs = arrays.pop(ROPE_FREQS_KEY, None)
     check_weights(path, config, arrays)
+    if freqs is not None:  # kept among the weights; ``load`` hands them to the model
+        if freqs.shape != (config.n_neurons,) or not np.issubdtype(freqs.dtype, np.floating):
+            raise CheckpointError(f"{path}: {ROPE_FREQS_KEY} must be ({config.n_neurons},) floats, got "
+                                  f"{freqs.shape} {freqs.dtype}")
+        arrays[ROPE_FREQS_KEY] = freqs.astype(np.float32)
     return config, arrays
 
 
 def load(path, **config_overrides) -> BDH:
     """Load a ready model from one ``.npz`` checkpoint (strict: every weight, right shapes)."""
     config, weights = read_checkpoint(path, **config_overrides)
-    model = BDH(config)
+    model = BDH(config, rope_freqs=weights.pop(ROPE_FREQS_KEY, None))
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model
