@@ -24,14 +24,13 @@ def merged_config(a: BDHConfig, b: BDHConfig) -> BDHConfig:
     for name in MUST_MATCH:
         if getattr(a, name) != getattr(b, name):
             raise ConfigError(f"cannot merge: {name} differs ({getattr(a, name)} vs {getattr(b, name)})")
-    config = BDHConfig.from_dict({**a.to_dict(), "mlp_internal_dim_multiplier": a.mlp_internal_dim_multiplier
-                                  + b.mlp_internal_dim_multiplier})
-    if config.n_neurons != a.n_neurons + b.n_neurons:
+    multiplier = a.mlp_internal_dim_multiplier + b.mlp_internal_dim_multiplier
+    if multiplier * a.n_embd // a.n_head != a.n_neurons + b.n_neurons:
         raise ConfigError(
             f"cannot merge: N = {a.n_neurons} + {b.n_neurons} is not mlp_internal_dim_multiplier * n_embd // n_head "
-            f"for any multiplier (n_embd {a.n_embd}, n_head {a.n_head})"
+            f"for mlp_internal_dim_multiplier {multiplier} (n_embd {a.n_embd}, n_head {a.n_head})"
         )
-    return config
+    return BDHConfig.from_dict({**a.to_dict(), "mlp_internal_dim_multiplier": multiplier})
 
 
 def merge(model_a: BDH, model_b: BDH) -> BDH:
