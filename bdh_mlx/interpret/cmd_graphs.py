@@ -33,8 +33,9 @@ def run(args):
     for s in summaries:
         fit = s["power_law"]
         alpha = f"alpha {fit['alpha']:.2f} (d >= {fit['d_min']})" if fit else "no power-law fit"
+        q = "n/a" if s["modularity"] is None else f"{s['modularity']:.3f}"
         print(f"G_{s['kind']} head {s['head']}: {s['edges']:,} edges, mean degree {s['mean_degree']:.1f}, "
-              f"max {s['max_degree']}, {alpha}, modularity {s['modularity']:.3f} ({s['n_communities']} communities)")
+              f"max {s['max_degree']}, {alpha}, modularity {q} ({s['n_communities']} communities)")
     if args.plot:
         save_png(plot_degrees(summaries), args.plot)
         print(f"wrote {args.plot}")

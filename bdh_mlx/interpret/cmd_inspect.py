@@ -12,6 +12,7 @@ from .atlas import Atlas
 from .common import add_common_options, add_text_arguments, read_text, synapse_address
 from .report import write_report
 from .stats import activation_stats
+from .synapses import check_synapses
 
 PROG = "bdh-mlx inspect"
 
@@ -35,6 +36,8 @@ def build_parser():
 def run(args):
     data = read_text(args)
     model = checkpoint.load(args.checkpoint)
+    if args.synapse:
+        check_synapses(model.config, args.synapse)
     atlas = Atlas.load(args.atlas) if args.atlas else None
     progress = not args.no_progress
     stats = activation_stats(model, data, args.chunk_size, progress=progress)

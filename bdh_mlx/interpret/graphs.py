@@ -9,6 +9,8 @@ the ``top_k`` largest per row, are kept: never the dense N x N.
 import networkx as nx
 import numpy as np
 import scipy.sparse as sp
+from scipy.optimize import minimize_scalar
+from scipy.special import zeta
 
 from .common import InterpretError, check_kind, check_neuron
 
@@ -53,27 +55,31 @@ def degrees(graph: sp.spmatrix) -> np.ndarray:
     return np.diff(undirected(graph).indptr)
 
 
-def power_law_fit(degrees: np.ndarray, min_tail: int = 10) -> dict:
-    """The exponent alpha of P(d) ~ d^-alpha on the tail d >= d_min (discrete MLE, Clauset et al. 2009, with the
-    d_min - 1/2 approximation); d_min minimises the Kolmogorov-Smirnov distance ``ks``. None: too few distinct
-    degrees to fit (e.g. a regular graph)."""
-    d = np.sort(degrees[degrees > 0]).astype(np.float64)
+def power_law_fit(degrees: np.ndarray, min_tail: int = 10) -> dict | None:
+    """The exponent alpha of P(d) ~ d^-alpha for d >= d_min: the discrete maximum-likelihood fit (Hurwitz zeta
+    normalisation), with d_min the one minimising the Kolmogorov-Smirnov distance ``ks`` (Clauset et al. 2009).
+    None: fewer than ``min_tail`` degrees or too few distinct values to fit (e.g. a regular graph)."""
+    d = degrees[degrees > 0].astype(np.float64)
     best = None
     for d_min in np.unique(d):
         tail = d[d >= d_min]
-        if len(tail) < min_tail or np.all(tail == d_min):
+        values = np.unique(tail)
+        if len(tail) < min_tail or len(values) < 2:
             break
-        alpha = 1 + len(tail) / np.log(tail / (d_min - 0.5)).sum()
-        empirical = np.arange(len(tail)) / len(tail)  # CDF just below each sorted value
-        model_cdf = 1 - (tail / d_min) ** (1 - alpha)
-        ks = float(np.abs(empirical - model_cdf).max())
+        log_sum = np.log(tail).sum()
+        alpha = minimize_scalar(lambda a: a * log_sum + len(tail) * np.log(zeta(a, d_min)),  # noqa: B023
+                                bounds=(1.0001, 10.0), method="bounded").x
+        below = np.searchsorted(np.sort(tail), values) / len(tail)  # empirical P(D < value)
+        ks = float(np.abs(below - (1 - zeta(alpha, values) / zeta(alpha, d_min))).max())
         if best is None or ks < best["ks"]:
             best = {"alpha": float(alpha), "d_min": int(d_min), "n_tail": len(tail), "ks": ks}
     return best
 
 
 def modularity(graph: sp.spmatrix, seed: int = 0) -> dict:
-    """Louvain communities of the undirected weighted graph (networkx) and their modularity Q."""
+    """Louvain communities of the undirected weighted graph (networkx) and their modularity Q (None: no edges)."""
+    if graph.nnz == 0:
+        return {"modularity": None, "n_communities": graph.shape[0], "largest_communities": [1]}
     g = nx.from_scipy_sparse_array(undirected(graph))
     communities = nx.community.louvain_communities(g, weight="weight", seed=seed)
     sizes = sorted((len(c) for c in communities), reverse=True)

@@ -82,7 +82,7 @@ def plot_degrees(summaries: list):
         d = np.sort(s["degrees"][s["degrees"] > 0])
         ccdf = 1 - np.arange(len(d)) / len(d)
         fit = s["power_law"]
-        label = f"G_{s['kind']} head {s['head']}, Q = {s['modularity']:.2f}"
+        label = f"G_{s['kind']} head {s['head']}" + (f", Q = {s['modularity']:.2f}" if s["modularity"] else "")
         line, = ax.loglog(d, ccdf, ".", markersize=3, label=label + (f", alpha = {fit['alpha']:.2f}" if fit else ""))
         if fit:
             tail = np.geomspace(fit["d_min"], d.max(), 20)

@@ -151,7 +151,8 @@ def build_report(model, text, title: str = "BDH: looking inside", stats: dict | 
         rows = "".join(
             f"<tr><td>{s['head']}</td><td>{s['edges']:,}</td><td>{s['mean_degree']:.1f}</td><td>{s['max_degree']}</td>"
             f"<td>{s['power_law']['alpha'] if s['power_law'] else float('nan'):.2f}</td>"
-            f"<td>{s['modularity']:.3f}</td><td>{s['n_communities']}</td></tr>" for s in summaries)
+            f"<td>{s['modularity'] if s['modularity'] is not None else float('nan'):.3f}</td>"
+            f"<td>{s['n_communities']}</td></tr>" for s in summaries)
         graph_section = (f"<h2>Neuron graph G_x = D_x E per head (top {graph_top_k} per row)</h2><table><tr><th>head"
                          "</th><th>edges</th><th>mean degree</th><th>max degree</th><th>power-law alpha</th>"
                          f"<th>modularity</th><th>communities</th></tr>{rows}</table>"

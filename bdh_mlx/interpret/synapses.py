@@ -23,6 +23,16 @@ def synapse_layers(config, layers=None) -> list:
     return layers
 
 
+def check_synapses(config, synapses) -> list:
+    """``(layer, head, i, j)`` tuples of ints, each checked against ``config``."""
+    synapses = [tuple(int(v) for v in s) for s in synapses]
+    for layer, head, i, j in synapses:
+        synapse_layers(config, [layer])
+        check_neuron(config, layer, head, i)
+        check_neuron(config, layer, head, j)
+    return synapses
+
+
 def synapse_state(model, text, layers=None, chunk_size: int = CHUNK_SIZE, progress: bool = True) -> dict:
     """sigma after the whole text: ``{(layer, head): csr_matrix (N, N)}``, entry (i, j) = sum_tau y[i] x[j]."""
     layers = synapse_layers(model.config, layers)
@@ -40,11 +50,7 @@ def synapse_series(model, text, synapses, chunk_size: int = CHUNK_SIZE, progress
 
     Column t holds sigma after byte t is read (the sum over tau <= t), so the last column is ``synapse_state``'s.
     """
-    synapses = [tuple(int(v) for v in s) for s in synapses]
-    for layer, head, i, j in synapses:
-        synapse_layers(model.config, [layer])
-        check_neuron(model.config, layer, head, i)
-        check_neuron(model.config, layer, head, j)
+    synapses = check_synapses(model.config, synapses)
     data = as_bytes(text)
     increments = np.zeros((len(synapses), len(data)))
     for start, acts in stream_activations(model, data, chunk_size, progress, desc="synapse series"):
@@ -111,7 +117,7 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
     results = []
     for s, (layer, head, i, j, g) in enumerate(chosen):
         rates = {name: np.array([r[layer, head][i, j] for r in held[name]]) for name in held}
-        best = np.argsort(-growth[s])[:n_contexts]
+        best = np.argsort(-growth[s], kind="stable")[:n_contexts]
         best = best[growth[s][best] > 0]
         results.append({"layer": layer, "head": head, "i": i, "j": j, "gain": g,
                         "selectivity": auc(rates["concept"], rates["other"]),
