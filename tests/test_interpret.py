@@ -173,22 +173,24 @@ def graph_model(weights):
     return model
 
 
-STAR_AND_PAIR = [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (6, 7)]
+STAR_AND_PAIR = [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (6, 7)]  # degrees 5, 1, 1, 1, 1, 1, 1, 1
 
 
 def test_a_graph_whose_degrees_are_set():
     adjacency = np.zeros((8, 8))
-    for i, j in STAR_AND_PAIR:
+    for i, j in STAR_AND_PAIR[:-1]:
         adjacency[i, j] = adjacency[j, i] = 1
+    adjacency[6, 7] = 1  # one way only: still a neighbour of both
     adjacency[3, 3] = 5  # a self-loop, dropped
     adjacency[2, 4] = -1  # a negative entry, dropped
     graph = neuron_graph(graph_model(adjacency), 0, "x", top_k=None, threshold=0.5)
     np.testing.assert_array_equal(graph.toarray(), np.where(adjacency > 0.5, adjacency, 0) * (1 - np.eye(8)))
     np.testing.assert_array_equal(degrees(graph), [5, 1, 1, 1, 1, 1, 1, 1])
-    # Two components: Q = sum_c L_c / m - (d_c / 2m)^2 with m = 6 edges: 5/6 - (10/12)^2 + 1/6 - (2/12)^2
+    # Two components; undirected weights 2 (both ways) and 1 (6 -> 7), m = 11:
+    # Q = sum_c L_c / m - (d_c / 2m)^2 = 10/11 - (20/22)^2 + 1/11 - (2/22)^2
     result = modularity(graph)
     assert result["n_communities"] == 2
-    assert result["modularity"] == pytest.approx(5 / 6 - (10 / 12) ** 2 + 1 / 6 - (2 / 12) ** 2)
+    assert result["modularity"] == pytest.approx(10 / 11 - (20 / 22) ** 2 + 1 / 11 - (2 / 22) ** 2)
 
 
 def test_top_k_keeps_the_largest_entries_of_each_row():
