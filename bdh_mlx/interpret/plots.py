@@ -51,7 +51,7 @@ def plot_sparsity(stats: dict):
         ax.set_xlabel("layer")
         ax.set_title(f"fraction of {kind} non-zero")
     axes[0].set_ylabel("fraction active")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"Activation sparsity over {stats['n_bytes']:,} bytes")
     fig.tight_layout()
     return fig
@@ -88,6 +88,7 @@ def plot_degrees(summaries: list):
             tail = np.geomspace(fit["d_min"], d.max(), 20)
             start = (d >= fit["d_min"]).mean()
             ax.loglog(tail, start * (tail / fit["d_min"]) ** (1 - fit["alpha"]), "--", color=line.get_color())
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("degree d")
     ax.set_ylabel("P(degree >= d)")
     ax.set_title("Neuron graph degrees (dashed: power-law fit)")

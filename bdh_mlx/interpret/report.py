@@ -81,7 +81,7 @@ table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px so
 <p class="note">{summary}</p>
 <h2>Text, coloured by the fraction of x neurons firing at each byte (mean over layers)</h2>
 <div id="text">{spans}</div>
-<p class="note">Click a character to list the neurons that fire most there.</p>
+<p class="note">{scale}. Click a character to list the neurons that fire most there.</p>
 <div id="neurons">(nothing selected)</div>
 <h2>Sparsity per layer and head</h2>
 <table><tr><th>layer</th><th>x active</th><th>y active</th><th>dead x</th><th>dead y</th></tr>{layer_rows}</table>
@@ -92,6 +92,7 @@ table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px so
 <script>
 const data = JSON.parse(document.getElementById("data").textContent);
 const box = document.getElementById("neurons");
+const atlas = Object.keys(data.notes).length > 0;
 function show(span) {{
   document.querySelectorAll("#text span.sel").forEach(s => s.classList.remove("sel"));
   span.classList.add("sel");
@@ -100,11 +101,12 @@ function show(span) {{
     const key = kind + ":" + layer + ":" + head + ":" + neuron;
     const notes = (data.notes[key] || []).map(s => "<div class='note'>" + esc(s) + "</div>").join("");
     return "<tr><td>" + kind + "</td><td>" + layer + "</td><td>" + head + "</td><td>" + neuron + "</td><td>"
-      + value.toFixed(3) + "</td><td>" + notes + "</td></tr>";
+      + value.toFixed(3) + "</td>" + (atlas ? "<td>" + notes + "</td>" : "") + "</tr>";
   }});
-  box.innerHTML = "byte " + i + ": " + (rows.length ? "<table><tr><th>kind</th><th>layer</th><th>head</th>"
-    + "<th>neuron</th><th>value</th><th>atlas: strongest contexts</th></tr>" + rows.join("") + "</table>"
-    : "no neuron fires");
+  const head = "<tr><th>kind</th><th>layer</th><th>head</th><th>neuron</th><th>value</th>"
+    + (atlas ? "<th>atlas: strongest contexts</th>" : "") + "</tr>";
+  box.innerHTML = "byte " + i + " (" + esc(JSON.stringify(span.textContent)) + "): "
+    + (rows.length ? "<table>" + head + rows.join("") + "</table>" : "no neuron fires");
 }}
 function esc(s) {{ const d = document.createElement("div"); d.textContent = s; return d.innerHTML; }}
 document.getElementById("text").addEventListener("click", e => {{ if (e.target.dataset.i) show(e.target); }});
@@ -124,12 +126,14 @@ def build_report(model, text, title: str = "BDH: looking inside", stats: dict | 
     stats = stats if stats is not None else activation_stats(model, data, chunk_size, progress=progress)
     shown = data[:max_bytes]
     activity = byte_activity(model, shown, chunk_size=chunk_size, progress=progress)
-    level = activity["x_fraction"].mean(axis=0)
-    level = level / max(level.max(), 1e-9) * 0.85
+    fraction = activity["x_fraction"].mean(axis=0)
+    low, high = fraction.min(), fraction.max()
+    level = 0.05 + 0.8 * (fraction - low) / max(high - low, 1e-9)  # the text's own range, for contrast
 
     c = model.config
     summary = (f"{len(data):,} bytes read ({len(shown):,} shown); n_layer {c.n_layer}, n_embd {c.n_embd}, "
                f"n_head {c.n_head}, N {c.n_neurons} neurons per head.")
+    scale = f"palest: {low:.1%} of x firing, darkest: {high:.1%}"
     layer_rows = "".join(
         f"<tr><td>{i}</td><td>{e['x_active']:.2%}</td><td>{e['y_active']:.2%}</td><td>{len(e['x_dead'])}</td>"
         f"<td>{len(e['y_dead'])}</td></tr>" for i, e in enumerate(stats["layers"]))
@@ -158,7 +162,8 @@ def build_report(model, text, title: str = "BDH: looking inside", stats: dict | 
                          f"<th>modularity</th><th>communities</th></tr>{rows}</table>"
                          f"<p><img src=\"{png_data_uri(plot_degrees(summaries))}\" alt=\"degree distribution\"></p>")
     payload = json.dumps({"top": activity["top"], "notes": atlas_notes(atlas, activity)}).replace("</", "<\\/")
-    return PAGE.format(title=html.escape(title), summary=html.escape(summary), spans=text_spans(shown, level),
+    return PAGE.format(title=html.escape(title), summary=html.escape(summary), scale=scale,
+                       spans=text_spans(shown, level),
                        layer_rows=layer_rows, sparsity_png=png_data_uri(plot_sparsity(stats)),
                        synapse_section=synapse_section, graph_section=graph_section, data=payload)
 
