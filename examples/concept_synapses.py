@@ -34,8 +34,8 @@ def main():
     model = bdh_mlx.load(args.checkpoint)
     found = concept_synapses(model, CONCEPT[:5], OTHER[:5], CONCEPT[5:], OTHER[5:], top=args.top, progress=False)
     for s in found:
-        print(f"layer {s['layer']} head {s['head']} y{s['i']} -> x{s['j']}: gain {s['gain']:.4f}/byte, "
-              f"held-out selectivity {s['selectivity']:.2f} ({s['held_out_concept']:.4f} vs "
+        print(f"layer {s['layer']} head {s['head']} y{s['i']} -> x{s['j']}: score {s['score']:.2f}, "
+              f"gain {s['gain']:.4f}/byte, held-out selectivity {s['selectivity']:.2f} ({s['held_out_concept']:.4f} vs "
               f"{s['held_out_other']:.4f}); grows at {s['contexts'][:2]}")
     text = CONCEPT[5] + " " + OTHER[5]
     series = synapse_series(model, text, [tuple(s[k] for k in ("layer", "head", "i", "j")) for s in found[:3]],

@@ -105,6 +105,7 @@ def test_concept_synapses_rank_a_synapse_that_grows_only_on_the_concept():
     assert (best["layer"], best["head"], best["i"], best["j"]) == (1, 0, 0, 0)
     rates = [hand_sigma_series(t)[-1] / len(t) for t in concept]
     assert best["gain"] == pytest.approx(np.mean(rates), rel=1e-4)
+    assert best["score"] == pytest.approx(np.mean(rates) / (2 * np.mean(rates)), rel=1e-4)  # (on - 0) / (on + on)
     assert best["selectivity"] == 1.0  # held out: 7/3 per byte on "xaa", 0 on "dog"
     assert best["held_out_concept"] == pytest.approx(7 / 3, rel=1e-4)
     joined = "\n".join(concept)

@@ -59,7 +59,7 @@ def run(args):
         results = concept_synapses(model, concept, other, held_concept, held_other, args.top,
                                    chunk_size=args.chunk_size, progress=progress)
         for r in results:
-            print(f"layer {r['layer']} head {r['head']} y{r['i']} -> x{r['j']}: gain {r['gain']:.4f}/byte, "
+            print(f"layer {r['layer']} head {r['head']} y{r['i']} -> x{r['j']}: score {r['score']:.2f}, "
                   f"held-out selectivity {r['selectivity']:.2f} | {r['contexts'][0] if r['contexts'] else ''!r}")
     else:
         if args.text is None and args.file is None:

@@ -83,6 +83,15 @@ def mean_rates(rates: list) -> dict:
     return {key: sum(r[key] for r in rates) / len(rates) for key in rates[0]}
 
 
+def relative(on: sp.spmatrix, off: sp.spmatrix) -> sp.csr_matrix:
+    """(on - off) / (on + off + c), c the mean non-zero rate on the concept: near 1 for synapses that grow only
+    on the concept, damped for the faint ones (a pure ratio would favour noise)."""
+    total = (on + off).tocsr()
+    damping = on.data.mean() if on.nnz else 1.0
+    total.data = 1 / (total.data + damping)
+    return (on - off).multiply(total).tocsr()
+
+
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """P(a random positive > a random negative), ties counting half: 1 = perfectly selective, 0.5 = chance."""
     diff = positive[:, None] - negative[None, :]
@@ -94,8 +103,9 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
                      progress: bool = True) -> list:
     """Synapses that grow most on texts about a concept, scored on held-out texts (the monosemantic-synapse test).
 
-    A synapse's rate on a text is its strength after the text per byte. Ranked by mean rate on ``concept`` minus
-    mean rate on ``other``; each result has ``layer, head, i, j``, ``gain`` (that difference), ``selectivity``
+    A synapse's rate on a text is its strength after the text per byte. Ranked by ``score``, the ``relative``
+    excess of its mean rate on ``concept`` over ``other``; each result has ``layer, head, i, j``, ``score``,
+    ``gain`` (the difference of the mean rates), ``selectivity``
     (AUC of held-out concept vs held-out other rates: 1 = always higher on the concept), ``held_out_concept`` /
     ``held_out_other`` (mean rates) and ``contexts``: the concept bytes where it grew most (snippets).
     """
@@ -105,21 +115,21 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
             raise InterpretError(f"no {name} texts given")
     layers = synapse_layers(model.config, layers)
     run = dict(layers=layers, chunk_size=chunk_size, progress=progress)
-    gain = mean_rates(per_byte_rates(model, concept, **run))
-    other_mean = mean_rates(per_byte_rates(model, other, **run))
-    gain = {key: gain[key] - other_mean[key] for key in gain}
-    chosen = strongest_synapses(gain, top)
+    on = mean_rates(per_byte_rates(model, concept, **run))
+    off = mean_rates(per_byte_rates(model, other, **run))
+    gain = {key: on[key] - off[key] for key in on}
+    chosen = strongest_synapses({key: relative(on[key], off[key]) for key in on}, top)
     held = {name: per_byte_rates(model, texts, **run) for name, texts in
             (("concept", held_out_concept), ("other", held_out_other))}
 
     data = as_bytes(b"\n".join(as_bytes(t).tobytes() for t in concept))
     growth = np.diff(synapse_series(model, data, [s[:4] for s in chosen], chunk_size, progress), axis=1, prepend=0)
     results = []
-    for s, (layer, head, i, j, g) in enumerate(chosen):
+    for s, (layer, head, i, j, score) in enumerate(chosen):
         rates = {name: np.array([r[layer, head][i, j] for r in held[name]]) for name in held}
         best = np.argsort(-growth[s], kind="stable")[:n_contexts]
         best = best[growth[s][best] > 0]
-        results.append({"layer": layer, "head": head, "i": i, "j": j, "gain": g,
+        results.append({"layer": layer, "head": head, "i": i, "j": j, "score": score, "gain": gain[layer, head][i, j],
                         "selectivity": auc(rates["concept"], rates["other"]),
                         "held_out_concept": float(rates["concept"].mean()),
                         "held_out_other": float(rates["other"].mean()),
