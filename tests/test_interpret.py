@@ -251,6 +251,8 @@ def test_inspect_writes_stats_and_report(ckpt, tmp_path, capsys):
      "bdh-mlx synapses: error: layer 0 has no synapses: sigma_l pairs y of layer l - 1 with x of layer l"),
     (["synapses", "--text", "a", "--track", "1:x"],
      "bdh-mlx synapses: error: argument --track: must be LAYER:HEAD:I:J (four non-negative integers), got '1:x'"),
+    (["inspect", "--text", "a", "--atlas", "/nonexistent"],
+     "bdh-mlx inspect: error: /nonexistent: not a neuron atlas (no atlas.json)"),
     (["graphs", "--head", "1"], "bdh-mlx graphs: error: head 1 out of range: the model has 1 heads (0-0)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):

@@ -64,7 +64,7 @@ def plot_synapse_series(series: np.ndarray, labels: list, text: bytes | None = N
     for values, label in zip(series, labels, strict=False):
         ax.plot(values, label=label)
     if text is not None and len(text) <= 120:
-        ax.set_xticks(range(len(text)), [chr(b) if 32 < b < 127 else "·" for b in text], fontsize=6)
+        ax.set_xticks(range(len(text)), [chr(b) if 32 < b < 127 else "·" for b in text], fontsize=8)
     else:
         ax.set_xlabel("byte")
     ax.set_ylabel("sigma (i, j)")
