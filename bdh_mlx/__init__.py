@@ -4,6 +4,7 @@ from .cache import BDHCache
 from .checkpoint import load, save
 from .errors import BDHError, CheckpointError, ConfigError, DataError
 from .generate import batch_generate, generate, generate_step, stream_generate
+from .merge import merge
 from .model import BDH, PRESETS, BDHConfig
 from .sample_utils import make_logits_processors, make_sampler
 
@@ -24,6 +25,7 @@ __all__ = [
     "load",
     "make_logits_processors",
     "make_sampler",
+    "merge",
     "save",
     "stream_generate",
 ]

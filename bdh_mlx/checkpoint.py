@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from .errors import BDHError, CheckpointError
 from .hub import resolve_checkpoint
-from .model import BDH, BDHConfig
+from .model import BDH, BDHConfig, rope_frequencies
 from .utils import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
 
 CONFIG_KEY = "__bdh_config__"
@@ -19,7 +19,9 @@ FORMAT_VERSION = 1
 CONFIG_MAX_BYTES = 64 * 1024  # the config JSON is a few hundred bytes
 SMALL_ENTRY_BYTES = NPY_PREFIX_MAX + NPY_HEADER_MAX + 8  # a .npy header and one scalar
 # Arrays a checkpoint may hold besides the weights: name -> shape for a config. Absent ones are fine.
-OPTIONAL_KEYS: dict = {}
+# Per-neuron RoPE frequencies (N,), stored only when they are not rope_frequencies(N): merged models.
+ROPE_FREQS_KEY = "rope_freqs"
+OPTIONAL_KEYS = {ROPE_FREQS_KEY: lambda config: (config.n_neurons,)}
 
 
 def weight_shapes(config: BDHConfig) -> dict:
@@ -76,9 +78,15 @@ def save_weights(path, config: BDHConfig, weights: dict):
     atomic_savez(path, arrays)
 
 
+def model_rope_freqs(model: BDH) -> dict:
+    """``{ROPE_FREQS_KEY: freqs}`` when the model's RoPE frequencies are not the default ones, else ``{}``."""
+    freqs = np.array(model._freqs)
+    return {} if np.array_equal(freqs, np.array(rope_frequencies(freqs.size))) else {ROPE_FREQS_KEY: freqs}
+
+
 def save(model: BDH, path):
     """Save ``model`` as one ``.npz`` that ``load`` turns back into a ready model."""
-    save_weights(path, model.config, model_weights(model))
+    save_weights(path, model.config, {**model_weights(model), **model_rope_freqs(model)})
 
 
 def read_config(source, raw: np.ndarray, overrides: dict) -> BDHConfig:
@@ -125,6 +133,8 @@ def check_format(source, npz: NpzReader):
 def read_checkpoint(path, **config_overrides):
     """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, float32 weights)``.
 
+    ``weights`` also holds ``rope_freqs`` (N,) when the checkpoint stores per-neuron RoPE frequencies (merged models).
+
     ``config_overrides`` replace stored config fields that do not change shapes
     (e.g. ``dropout``, ``attention``, ``chunk_size``). The config is read first (at most
     ``CONFIG_MAX_BYTES``); every weight's declared size and header are checked against it before
@@ -154,7 +164,7 @@ def load(path, **config_overrides) -> BDH:
     Call ``model.train()`` before training it further (dropout is off in eval mode).
     """
     config, weights = read_checkpoint(path, **config_overrides)
-    model = BDH(config)
+    model = BDH(config, rope_freqs=weights.pop(ROPE_FREQS_KEY, None))
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model.eval()

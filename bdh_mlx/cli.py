@@ -10,6 +10,11 @@ COMMANDS = {
     "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
     "plot": ("bdh_mlx.plot", "draw PNG charts of a run's metrics"),
     "upload": ("bdh_mlx.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
+    "merge": ("bdh_mlx.merge", "merge two checkpoints by concatenating their neurons"),
+    "inspect": ("bdh_mlx.interpret.cmd_inspect", "activation statistics and an HTML report of a text"),
+    "neurons": ("bdh_mlx.interpret.cmd_neurons", "a neuron atlas: every neuron's firing rate and top contexts"),
+    "synapses": ("bdh_mlx.interpret.cmd_synapses", "track synapses along a text, or find a concept's synapses"),
+    "graphs": ("bdh_mlx.interpret.cmd_graphs", "neuron graphs: degree distribution and modularity"),
 }
 
 

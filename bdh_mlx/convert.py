@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import ArgumentParser, number_in, positive_int, run_command
-from .checkpoint import check_finite, check_weights, read_checkpoint, save_weights, weight_shapes
+from .checkpoint import ROPE_FREQS_KEY, check_finite, check_weights, read_checkpoint, save_weights, weight_shapes
 from .errors import BDHError, CheckpointError
 from .model import BDHConfig, rope_frequencies
 from .utils import atomic_write
@@ -168,6 +168,11 @@ def torch_to_mlx(src, out, n_layer: int | None = None, dropout: float | None = N
 def mlx_to_torch(src, out) -> BDHConfig:
     """Convert a bdh-mlx ``.npz`` checkpoint into an official ``.pt`` state_dict."""
     config, weights = read_checkpoint(src)
+    if ROPE_FREQS_KEY in weights:
+        raise CheckpointError(
+            f"{src}: has per-neuron RoPE frequencies (a merged model); the official code computes them from N "
+            "and cannot hold these, so it cannot be converted to a .pt file"
+        )
     save_torch_state_dict(out, to_torch_state_dict(config, weights))
     return config
 

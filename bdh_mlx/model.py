@@ -276,10 +276,12 @@ def recompute_in_backward(fn, *inputs):
 class BDH(nn.Module):
     """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
 
-    ``model(idx, targets=None, cache=None) -> (logits, loss)``.
+    ``model(idx, targets=None, cache=None) -> (logits, loss)``. ``rope_freqs`` (N,): per-neuron RoPE
+    frequencies, for merged models whose neurons keep the ones they were trained with (default
+    ``rope_frequencies(N)``).
     """
 
-    def __init__(self, config: BDHConfig):
+    def __init__(self, config: BDHConfig, rope_freqs=None):
         super().__init__()
         self.config = config
         D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
@@ -290,7 +292,10 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
-        self._freqs = rope_frequencies(N)  # a constant: the leading "_" keeps it out of parameters()
+        # A constant: the leading "_" keeps it out of parameters().
+        self._freqs = rope_frequencies(N) if rope_freqs is None else mx.array(rope_freqs, dtype=mx.float32)
+        if self._freqs.shape != (N,):
+            raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = mx.float32
 
     def set_compute_dtype(self, dtype):
