@@ -9,6 +9,7 @@ COMMANDS = {
     "eval": ("bdh_mlx.evaluate", "validation loss and bits per byte of a checkpoint"),
     "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
     "plot": ("bdh_mlx.plot", "draw PNG charts of a run's metrics"),
+    "info": ("bdh_mlx.info", "versions, device, the BLAS in use and its measured matmul speed"),
 }
 
 
