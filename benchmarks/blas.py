@@ -56,8 +56,32 @@ def best_rate(run, repeats, flops) -> float:
 # --- MLX -------------------------------------------------------------------------------------
 
 
+def gemm_groups(config, batch_size, block_size):
+    """The step's matmuls as (group, [(batch, m, k, n)]) with the forward shapes; the backward repeats each twice."""
+    B, T, D, nh, N, V = (batch_size, block_size, config.n_embd, config.n_head, config.n_neurons, config.vocab_size)
+    layers = config.n_layer
+    return {
+        "encoder": [(1, B * T, D, nh * N)] * layers,
+        "attention": [(B * nh, T, N, T), (B * nh, T, T, D)] * layers,
+        "encoder_v": [(nh, B * T, D, N)] * layers,
+        "decoder": [(1, B * T, nh * N, D)] * layers,
+        "lm_head": [(1, B * T, D, V)],
+    }
+
+
+def gemm_seconds(mx, config, batch_size, block_size) -> dict:
+    """Seconds per step that the step's matmuls alone take at their shapes (forward time x 3), by group."""
+    seconds = {}
+    for group, shapes in gemm_groups(config, batch_size, block_size).items():
+        pairs = [(mx.random.normal((b, m, k)), mx.random.normal((b, k, n))) for b, m, k, n in shapes]
+        mx.eval(pairs)
+        flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
+        seconds[group] = 3 * flops / 1e9 / best_rate(lambda pairs=pairs: mx.eval([x @ y for x, y in pairs]), 2, flops)
+    return seconds
+
+
 def mlx_worker(args):
-    from bdh_mlx import __version__, blas  # before mlx.core: loads the fast BLAS unless BDH_MLX_BLAS=0
+    from bdh_mlx import blas  # before mlx.core: loads the fast BLAS unless BDH_MLX_BLAS=0
 
     blas.load()
     import mlx.core as mx
@@ -72,7 +96,7 @@ def mlx_worker(args):
                for _ in range(args.warmup + args.steps)]
     tokens_per_s, _, _ = measure(compiled_step, config, mx.float32, batches, args.warmup)
     return {"matmul": matmul, "tokens_per_s": tokens_per_s, "library": blas.global_cblas() or "mlx reference BLAS",
-            "bdh_mlx": __version__}
+            "gemm_seconds": gemm_seconds(mx, config, args.batch_size, args.block_size) if args.profile else None}
 
 
 # --- PyTorch: the official BDH, written from the spec ------------------------------------------
@@ -165,10 +189,13 @@ def torch_worker(args, compiled):
 
 def run_variant(name, args):
     worker, env = VARIANTS[name]
+    stock = bool(env)  # only the stock run sets an environment variable (the opt-out)
     argv = [sys.executable, __file__, "--worker", worker, "--preset", args.preset, "--batch-size",
             str(args.batch_size), "--block-size", str(args.block_size), "--dropout", str(args.dropout),
-            "--warmup", str(args.stock_warmup if env else args.warmup),
-            "--steps", str(args.stock_steps if env else args.steps)]
+            "--warmup", str(args.stock_warmup if stock else args.warmup),
+            "--steps", str(args.stock_steps if stock else args.steps)]
+    if stock or not args.profile:
+        argv.append("--no-profile")
     environ = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "BDH_MLX_BLAS")}
     done = subprocess.run(argv, env={**environ, **env}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -188,6 +215,8 @@ def main(argv=None):
     p.add_argument("--stock-steps", type=int, default=1, help="timed steps with the (slow) stock BLAS")
     p.add_argument("--stock-warmup", type=int, default=1)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip timing the step's matmuls alone (where the fast MLX step's time goes)")
     p.add_argument("--worker", choices=["mlx", "torch", "torch-compile"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -215,6 +244,12 @@ def main(argv=None):
         print(f"{name:<18}{result['matmul']:>16,.1f}{result['tokens_per_s']:>11,.0f}{achieved:>14,.1f}"
               f"{achieved / result['matmul']:>9.2f}  {os.path.basename(result['library'])}", flush=True)
     fast = results.get("mlx + OpenBLAS")
+    if fast and fast["gemm_seconds"]:
+        step_seconds = tokens / fast["tokens_per_s"]
+        parts = ", ".join(f"{group} {s:.2f}" for group, s in fast["gemm_seconds"].items())
+        rest = step_seconds - sum(fast["gemm_seconds"].values())
+        print(f"mlx + OpenBLAS step {step_seconds:.2f} s: its matmuls alone take {parts} s; "
+              f"the rest (elementwise, LayerNorm, RoPE, mask, AdamW) {rest:.2f} s")
     for other in ("mlx, stock BLAS", "torch eager", "torch.compile"):
         if fast and results.get(other):
             print(f"mlx + OpenBLAS / {other}: {fast['tokens_per_s'] / results[other]['tokens_per_s']:.2f}x tokens/s")

@@ -29,9 +29,9 @@ WARNING_TAIL = f"; set {blas.OPT_OUT}=0 to silence this"
 def run_python(code, bindings=False, **env):
     """(stdout, stderr, the library MLX's cblas_sgemm was bound to) of ``code`` in a fresh interpreter."""
     environ = {**os.environ, **env, **({"LD_DEBUG": "bindings"} if bindings else {})}
-    environ.pop("LD_PRELOAD", None)
-    if env.get(blas.OPT_OUT) is None:
-        environ.pop(blas.OPT_OUT, None)
+    for name in ("LD_PRELOAD", blas.OPT_OUT, "OMP_WAIT_POLICY"):
+        if name not in env:
+            environ.pop(name, None)
     done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=environ,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -62,6 +62,13 @@ def test_importing_bdh_mlx_binds_mlx_matmul_to_the_openblas():
     assert os.path.realpath(bound) == os.path.realpath(blas.find_openblas()[-1])
     assert "bdh_mlx" not in stderr  # no warning
     assert_exact_matmul(stdout)
+
+
+@linux_with_wheel
+def test_openmp_threads_sleep_between_matmuls_unless_the_user_chose():
+    code = "import os, bdh_mlx\nprint(os.environ['OMP_WAIT_POLICY'])"
+    assert run_python(code)[0] == "PASSIVE\n"
+    assert run_python(code, OMP_WAIT_POLICY="ACTIVE")[0] == "ACTIVE\n"
 
 
 @linux_with_wheel
