@@ -1,5 +1,9 @@
 """bdh-mlx: the Baby Dragon Hatchling language model for Apple's MLX."""
 
+from . import blas
+
+blas.load()  # first: a BLAS must be loaded before mlx.core to be used by it (Linux CPU; see blas.py)
+
 from .cache import BDHCache
 from .checkpoint import load, save
 from .errors import BDHError, CheckpointError, ConfigError, DataError

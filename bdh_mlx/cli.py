@@ -15,6 +15,7 @@ COMMANDS = {
     "neurons": ("bdh_mlx.interpret.cmd_neurons", "a neuron atlas: every neuron's firing rate and top contexts"),
     "synapses": ("bdh_mlx.interpret.cmd_synapses", "track synapses along a text, or find a concept's synapses"),
     "graphs": ("bdh_mlx.interpret.cmd_graphs", "neuron graphs: degree distribution and modularity"),
+    "info": ("bdh_mlx.info", "versions, device, the BLAS in use and its measured matmul speed"),
 }
 
 

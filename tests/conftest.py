@@ -3,6 +3,8 @@ import os
 import numpy as np
 import pytest
 
+import bdh_mlx  # noqa: F401  (first: it gives MLX the fast BLAS before any test imports mlx.core)
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

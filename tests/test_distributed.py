@@ -29,17 +29,20 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_close_weights(a, b, atol):
+def assert_close_weights(a, b, tol):
+    """Equal up to float rounding: the relative norm of the difference, per weight (0: bit-identical)."""
     wa, wb = read_checkpoint(a)[1], read_checkpoint(b)[1]
     for k in wb:
-        np.testing.assert_allclose(wa[k], wb[k], atol=atol, rtol=0, err_msg=k)
+        error = np.linalg.norm(wa[k] - wb[k]) / np.linalg.norm(wb[k])
+        assert error <= tol, f"{k}: relative difference {error:.3g}"
 
 
 def test_two_processes_train_the_model_one_process_trains(tmp_path, corpus_file):
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main([*RUN, "--data", str(corpus_file), "--out", str(one), "--steps", "6"]) == 0
     launch([*RUN, "--data", str(corpus_file), "--out", str(two), "--steps", "6"], tmp_path)
-    assert_close_weights(two / "last.npz", one / "last.npz", atol=1e-5)
+    # Rounding (another summation order), grown by Adam's normalisation: about 1e-4; without averaging: 6e-2.
+    assert_close_weights(two / "last.npz", one / "last.npz", tol=1e-3)
     for a, b in zip(records(two), records(one), strict=True):
         assert a["step"] == b["step"] and a["world_size"] == 2 and b["world_size"] == 1
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
@@ -51,5 +54,5 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, corpus_file)
     half = tmp_path / "half"
     launch([*RUN, "--data", str(corpus_file), "--out", str(half), "--steps", "3"], tmp_path)
     launch(["--resume", str(half), "--steps", "6"], tmp_path)
-    assert_close_weights(half / "last.npz", two / "last.npz", atol=0)
+    assert_close_weights(half / "last.npz", two / "last.npz", tol=0)
     assert [r["train_loss"] for r in records(half)] == [r["train_loss"] for r in records(two)]
