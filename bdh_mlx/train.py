@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint
+from . import blas, checkpoint
 from .arguments import (
     ArgumentParser,
     add_batch_arguments,
@@ -555,9 +555,12 @@ class Trainer:
         left = (self.args.steps - step) * seconds_per_step
         self.say(f"{PROG}: {seconds_per_step:.2f} s per step; {self.args.steps - step} steps to go: about "
                  f"{format_duration(left)}")
+        if mx.default_device() == mx.cpu and sys.platform == "linux" and blas.load() is None:
+            self.say(f"{PROG}: MLX uses its slow reference BLAS here (about 10x slower): pip install 'bdh-mlx[cpu]' "
+                     f"gives it OpenBLAS; bdh-mlx info shows the BLAS in use")
         if left > 86400 or (left > 3600 and mx.default_device() == mx.cpu):
             self.say(f"{PROG}: that is long for this machine ({mx.default_device()}); consider a smaller --preset, "
-                     f"fewer --steps or a smaller --batch-size, a fast BLAS on Linux (bdh-mlx info), or a GPU")
+                     f"fewer --steps or a smaller --batch-size, or a GPU")
 
     def kept(self) -> str:
         if self.saved_step is None:
