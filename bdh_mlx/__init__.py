@@ -4,6 +4,7 @@ from .cache import BDHCache
 from .checkpoint import load, save
 from .errors import BDHError, CheckpointError, ConfigError, DataError
 from .model import BDH, PRESETS, BDHConfig
+from .quantize import quantize
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,6 @@ __all__ = [
     "DataError",
     "PRESETS",
     "load",
+    "quantize",
     "save",
 ]

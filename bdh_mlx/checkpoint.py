@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from .errors import BDHError, CheckpointError
 from .model import BDH, BDHConfig
+from .quantize import quantized_weight_shapes
 from .utils import atomic_savez, read_npz
 
 CONFIG_KEY = "__bdh_config__"
@@ -17,15 +18,25 @@ FORMAT_VERSION = 1
 
 
 def weight_shapes(config: BDHConfig) -> dict:
-    """The official parameter names and their shapes for ``config``."""
+    """The official parameter names and their shapes for ``config`` (a quantized config: see quantize.py)."""
     D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
-    return {
+    shapes = {
         "embed.weight": (V, D),
         "encoder": (nh, D, N),
         "encoder_v": (nh, D, N),
         "decoder": (nh * N, D),
         "lm_head": (D, V),
     }
+    if config.quantization is None:
+        return shapes
+    quantized = quantized_weight_shapes(config)
+    replaced = {name.rsplit(".", 1)[0] for name in quantized}
+    return {**{k: v for k, v in shapes.items() if k.split(".")[0] not in replaced}, **quantized}
+
+
+def weight_dtype_ok(name: str, dtype) -> bool:
+    """Quantized values (``*.weight_q``) are uint32; every other weight is floating point."""
+    return dtype == np.uint32 if name.endswith(".weight_q") else np.issubdtype(dtype, np.floating)
 
 
 def check_weights(source, config: BDHConfig, weights: dict):
@@ -41,13 +52,16 @@ def check_weights(source, config: BDHConfig, weights: dict):
         got = tuple(weights[name].shape)
         if got != shape:
             raise CheckpointError(f"{source}: {name} has shape {got}, but the config needs {shape}")
-        if not np.issubdtype(weights[name].dtype, np.floating):
-            raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected floating point")
+        if not weight_dtype_ok(name, weights[name].dtype):
+            want = "uint32" if name.endswith(".weight_q") else "floating point"
+            raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected {want}")
 
 
 def model_weights(model: BDH) -> dict:
-    """The model's parameters as float32 numpy arrays, under their official names."""
-    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    """The model's parameters as numpy arrays under their official names: float32 (quantized values stay uint32)."""
+    return {
+        k: np.array(v if v.dtype == mx.uint32 else v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
+    }
 
 
 def save_weights(path, config: BDHConfig, weights: dict):
@@ -91,4 +105,6 @@ def load(path, **config_overrides) -> BDH:
     model = BDH(config)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
+    if config.quantization is not None:
+        model.eval()  # inference only
     return model

@@ -141,6 +141,9 @@ def torch_to_mlx(src, out, n_layer: int = 6, dropout: float = 0.1) -> BDHConfig:
 def mlx_to_torch(src, out) -> BDHConfig:
     """Convert a bdh-mlx ``.npz`` checkpoint into an official ``.pt`` state_dict."""
     config, weights = read_checkpoint(src)
+    if config.quantization is not None:
+        raise CheckpointError(f"{src}: a {config.quantization['bits']}-bit quantized checkpoint; "
+                              "the official format needs the float checkpoint it was quantized from")
     save_torch_state_dict(out, to_torch_state_dict(config, weights))
     return config
 

@@ -23,7 +23,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import BDHCache
-from .errors import ConfigError
+from .errors import BDHError, ConfigError
+from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
 
 ATTENTION_FORMS = ("auto", "parallel", "chunked")
 ROPE_THETA = 65536.0
@@ -51,6 +52,7 @@ class BDHConfig:
     dropout: float = 0.1
     attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
     chunk_size: int = 256
+    quantization: dict | None = None  # {"bits", "group_size", "embedding"}: see quantize.py
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size", "chunk_size"):
@@ -68,6 +70,7 @@ class BDHConfig:
                 f"mlp_internal_dim_multiplier * n_embd // n_head must be even and positive for RoPE, "
                 f"got {self.n_neurons}"
             )
+        self.quantization = check_quantization(self.quantization, self.n_embd, self.n_neurons)
 
     @property
     def n_neurons(self) -> int:
@@ -211,6 +214,11 @@ def random_keys(n: int):
     return mx.random.randint(0, 2**31 - 1, (n, 2)).astype(mx.uint32)
 
 
+def matmul(x, w):
+    """``x @ w`` for a float weight ``(..., in, out)`` or a QuantizedWeight (which stores ``w`` transposed)."""
+    return w(x) if isinstance(w, QuantizedWeight) else x @ w
+
+
 def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop):
     """The N-wide part of a layer for the heads of ``encoder``: ``(u before its LN, x, y, attention state)``.
 
@@ -218,14 +226,14 @@ def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_dro
     ``attend(qr, v) -> (out, state)`` is the attention form. A pure function of its arrays, so it can
     be recomputed in the backward pass.
     """
-    x = relu(v @ encoder)  # (B, nh, T, N)
+    x = relu(matmul(v, encoder))  # (B, nh, T, N)
     read, state = attend(rope(x, cos, sin), v)
     a = layer_norm(read)  # (B, nh, T, D)
-    y = relu(a @ encoder_v)  # (B, nh, T, N)
+    y = relu(matmul(a, encoder_v))  # (B, nh, T, N)
     xy = x * y if keys is None else dropout(x * y, p_drop, keys)
     # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
-    per_head = decoder.reshape(encoder.shape[0], -1, decoder.shape[-1])
-    return (xy @ per_head).sum(axis=1, keepdims=True), x, y, state
+    per_head = decoder if isinstance(decoder, QuantizedWeight) else decoder.reshape(x.shape[1], -1, v.shape[-1])
+    return matmul(xy, per_head).sum(axis=1, keepdims=True), x, y, state
 
 
 def recompute_in_backward(fn, *inputs):
@@ -268,6 +276,9 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
+        if config.quantization is not None:  # inference only: see quantize.py
+            for name, weight in make_quantized_weights(config).items():
+                setattr(self, name, weight)
         self._freqs = rope_frequencies(N)  # a constant: the leading "_" keeps it out of parameters()
         self.compute_dtype = mx.float32
 
@@ -313,8 +324,11 @@ class BDH(nn.Module):
         c = self.config
         B, T = idx.shape
         dtype = self.compute_dtype
+        if self.training and c.quantization is not None:
+            raise BDHError("a quantized model is for inference only and cannot be trained; call model.eval()")
         encoder, encoder_v, decoder, lm_head = (
-            w.astype(dtype) for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
+            w if isinstance(w, QuantizedWeight) else w.astype(dtype)
+            for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
         )
         positions = mx.arange(T) if cache is None else cache.offset[:, None, None] + mx.arange(T)
         cos, sin = rope_cos_sin(positions, self._freqs, dtype)  # (T, N) or (B, 1, T, N)
@@ -338,7 +352,7 @@ class BDH(nn.Module):
                 if activations is not None:
                     activations.append({"x": x, "y": y})
             v = layer_norm(v + layer_norm(u))
-        logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
+        logits = matmul(v[:, 0], lm_head).astype(mx.float32)  # (B, T, V)
 
         if cache is not None:
             cache.offset = cache.offset + T
