@@ -164,11 +164,43 @@ def parallel_attention(qr, v):
 
 
 def recurrent_attention_step(qr, v, state):
-    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32."""
-    qr32 = qr.astype(state.dtype)
-    out = (qr32 @ state).astype(qr.dtype)
-    # A broadcast product, not a K = 1 matmul: one pass over the state (memory-bound at large N x D).
-    return out, state + qr32.swapaxes(-1, -2) * v.astype(state.dtype)
+    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32.
+
+    Memory-bound: the read is evaluated at once, so that the update, scheduled after it, is the only
+    user of the old state and MLX writes it in place (buffer donation) when nothing else holds it;
+    the update is a BLAS rank-1 ``addmm`` (multithreaded), not a broadcast product. Not traceable
+    (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
+    """
+    qr32, v32 = qr.astype(state.dtype), v.astype(state.dtype)
+    out = qr32 @ state
+    mx.eval(out)
+    return out.astype(qr.dtype), mx.addmm(state, qr32.swapaxes(-1, -2), mx.broadcast_to(v32, out.shape))
+
+
+SPARSE_STEP_DENSITY = 0.25  # above this fraction of active rows the dense step is faster (generate_speed.py)
+
+
+def sparse_attention_step(qr, v, state, max_density: float = SPARSE_STEP_DENSITY):
+    """``recurrent_attention_step`` reading and writing only the rows of S where qr is non-zero.
+
+    Rows with qr = 0 add nothing to the read and nothing to the state (ReLU makes most of x zero;
+    RoPE keeps a pair zero when both of its entries are). Per (batch row, head) the k active rows are
+    gathered (k: the most active rows of any head, the others padded with zero rows), updated and
+    scattered back in place; with more than ``max_density`` of N rows active, the dense step is used.
+    """
+    qr32 = qr.astype(state.dtype)[..., 0, :]  # (B, nh, N)
+    inactive = (qr32 == 0).astype(mx.uint8)
+    k = max(int((1 - inactive).sum(axis=-1).max().item()), 1)
+    if k > max_density * qr32.shape[-1]:
+        return recurrent_attention_step(qr, v, state)
+    rows = mx.argpartition(inactive, kth=k - 1, axis=-1)[..., :k]  # (B, nh, k): the active rows first
+    q = mx.take_along_axis(qr32, rows, axis=-1)[..., None, :]  # (B, nh, 1, k)
+    rows = rows[..., None]
+    active = mx.take_along_axis(state, rows, axis=-2)  # (B, nh, k, D)
+    out = q @ active
+    updated = mx.addmm(active, q.swapaxes(-1, -2), mx.broadcast_to(v.astype(state.dtype), out.shape))
+    mx.eval(out, updated)  # the gather is done: the scatter below may write into the state's buffer
+    return out.astype(qr.dtype), mx.put_along_axis(state, rows, updated, axis=-2)
 
 
 def chunked_attention(qr, v, state, chunk_size):
@@ -281,6 +313,7 @@ class BDH(nn.Module):
                 setattr(self, name, weight)
         self._freqs = rope_frequencies(N)  # a constant: the leading "_" keeps it out of parameters()
         self.compute_dtype = mx.float32
+        self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
 
     def set_compute_dtype(self, dtype):
         """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""
@@ -304,7 +337,7 @@ class BDH(nn.Module):
     def attend(self, form: str, qr, v, state=None):
         """The attention of ``form``: ``(out, state after the last token)``; the parallel form keeps no state."""
         if form == "step":
-            return recurrent_attention_step(qr, v, state)
+            return sparse_attention_step(qr, v, state, self.sparse_step_density)
         if form == "chunked":
             return chunked_attention(qr, v, state, self.config.chunk_size)
         return parallel_attention(qr, v), None
