@@ -30,7 +30,10 @@ from .errors import BDHError, ConfigError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-QUANTIZED = ("encoder", "encoder_v", "decoder", "lm_head")  # plus "embed" when embedding=True
+# MLX's CPU quantized_matmul costs about M times a one-row product (25m encoder, 4 heads: 15 ms at 1 row,
+# 170 ms at 8, 10 s at 512), dequantize + float matmul about 110-150 ms whatever M: beyond 8 rows
+# (B x T: prefill, evaluation) the weight is dequantized for the call (a transient float copy).
+QUANTIZED_MATMUL_ROWS = 8
 
 
 class QuantizedWeight(nn.Module):
@@ -52,6 +55,8 @@ class QuantizedWeight(nn.Module):
         return q
 
     def __call__(self, x):
+        if x.shape[0] * x.shape[-2] > QUANTIZED_MATMUL_ROWS:  # many rows: dequantize once, then BLAS
+            return x @ self.dequantize().astype(x.dtype).swapaxes(-1, -2)
         return mx.quantized_matmul(
             x, self.weight_q, self.scales.astype(x.dtype), self.biases.astype(x.dtype),
             transpose=True, group_size=self.group_size, bits=self.bits,

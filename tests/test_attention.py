@@ -52,12 +52,12 @@ def test_parallel_matches_reference(inputs):
     assert_close(parallel_attention(qr, v), reference_attention(qr, v), "parallel")
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 10, 50, 64])
-def test_chunked_matches_parallel(inputs, chunk_size):
+@pytest.mark.parametrize("chunk_size, group", [(1, None), (7, None), (7, 1), (7, 3), (10, None), (50, None), (64, 2)])
+def test_chunked_matches_parallel(inputs, chunk_size, group):
     qr, v = inputs
-    out, state = chunked_attention(qr, v, None, chunk_size)
+    out, state = chunked_attention(qr, v, None, chunk_size, group)
     assert state.dtype == mx.float32 and state.shape == (2, 3, 16, 8)
-    assert_close(out, parallel_attention(qr, v), f"chunked {chunk_size}")
+    assert_close(out, parallel_attention(qr, v), f"chunked {chunk_size}, groups of {group}")
     assert_close(state, qr.swapaxes(-1, -2) @ v, f"chunked {chunk_size} final state")
 
 
@@ -113,7 +113,9 @@ def test_model_token_by_token_at_1030_tokens():
 
 def test_auto_switches_to_chunked_for_long_sequences():
     model = tiny_model(attention="auto", chunk_size=8)
-    idx = mx.random.randint(0, 256, (1, 40), key=mx.random.key(3))  # 40 > 4 * 8: chunked
+    # T (N + D) against 1.5 (C (N + D) + 2 N D) with N 128, D 32, C 8: the switch is at T = 88.8
+    assert [model.attention_form(T, cached=False) for T in (88, 89)] == ["parallel", "chunked"]
+    idx = mx.random.randint(0, 256, (1, 100), key=mx.random.key(3))
     assert_close(model(idx)[0], tiny_model(attention="parallel")(idx)[0], "auto")
 
 

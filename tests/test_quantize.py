@@ -32,8 +32,9 @@ def test_dequantized_matrix_is_the_transposed_weight_within_a_step(bits):
     error = np.abs(got - w).reshape(3, 2, 32, 40).max(axis=2)
     assert (error <= step + 1e-6).all()  # at most one step: MLX shifts the grid so that 0 is exact
     assert error.max() > 0  # really quantized
-    x = mx.array(np.random.default_rng(1).normal(size=(2, 3, 5, 64)).astype(np.float32))
-    np.testing.assert_allclose(np.array(q(x)), np.array(x) @ got, atol=1e-4, rtol=1e-4)
+    for shape in [(1, 3, 1, 64), (2, 3, 5, 64)]:  # MLX's quantized kernel (decoding), dequantized (many rows)
+        x = mx.array(np.random.default_rng(1).normal(size=shape).astype(np.float32))
+        np.testing.assert_allclose(np.array(q(x)), np.array(x) @ got, atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
