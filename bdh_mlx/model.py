@@ -177,7 +177,7 @@ def recurrent_attention_step(qr, v, state):
     return out.astype(qr.dtype), mx.addmm(state, qr32.swapaxes(-1, -2), mx.broadcast_to(v32, out.shape))
 
 
-SPARSE_STEP_DENSITY = 0.25  # above this fraction of active rows the dense step is faster (generate_speed.py)
+SPARSE_STEP_DENSITY = 0.05  # above this fraction of active rows the dense step is faster (generate_speed.py)
 
 
 def sparse_attention_step(qr, v, state, max_density: float = SPARSE_STEP_DENSITY):

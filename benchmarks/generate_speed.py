@@ -5,17 +5,17 @@
     python benchmarks/generate_speed.py --sparsity-of /work/models/small-pydoc/best.npz --contexts 256
 
 Decoding is timed with the dense step and with the sparse step (only the state rows where the rotated
-x is non-zero), side by side. "GB/s" is the memory a step must move (the weights read once, the state
-read and written once) divided by its time, printed next to the machine's copy bandwidth (numpy and MLX
-copies of a 200 MB array, read + write). ``--densities``: a model of the preset's shape whose encoder
-columns are zeroed so that about that fraction of x is non-zero (random weights are not sparse: about
-half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and of active RoPE pairs, the rows
-the sparse step touches) per layer of a trained checkpoint.
+x is non-zero), side by side. "GB/s" is the memory a step must move (the layer's weights read by each of
+the n_layer layers, the state read and written once) divided by its time, printed next to the machine's
+copy bandwidth (numpy and MLX copies of a 200 MB array, read + write). ``--densities``: a model of the
+preset's shape whose encoder columns are zeroed so that about that fraction of x is non-zero (random
+weights are not sparse: about half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and
+of active RoPE pairs, the rows the sparse step touches) per layer of a trained checkpoint.
 
 The context is built once, by chunked prefill through the cache, growing from one length to the
 next; decoding is timed only after each prefill (``generate_step`` from a copy of the cache).
-Recomputation is one full forward pass over context + 1 tokens (the model's own attention form:
-parallel up to 4 chunks, chunked beyond), timed up to ``--recompute-max``.
+Recomputation is one full forward pass over context + 1 tokens (the model's own attention form,
+``auto``), timed up to ``--recompute-max``.
 """
 
 import argparse
@@ -62,9 +62,15 @@ def copy_bandwidth(n_bytes=200_000_000, repeats=5):
 
 
 def step_bytes(model, cache) -> int:
-    """The least memory one decoding step moves: every weight read once, the state read and written once."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return weights + 2 * sum(s.nbytes for s in cache.states)
+    """The least memory one decoding step moves: the weights read by each layer, the state read and written once.
+
+    The shared layer's weights (100 MB at 25m) are applied n_layer times and fit in no CPU cache, so they
+    are read n_layer times (the embedding only for one row); counting them once would halve the figure.
+    """
+    params = dict(tree_flatten(model.parameters()))
+    embedding = params.pop("embed.weight").nbytes // model.config.vocab_size
+    weights = model.config.n_layer * sum(v.nbytes for k, v in params.items() if k != "lm_head")
+    return embedding + weights + params["lm_head"].nbytes + 2 * sum(s.nbytes for s in cache.states)
 
 
 def dense_and_sparse(model, cache, token, n_tokens, repeats):
