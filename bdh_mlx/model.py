@@ -229,7 +229,8 @@ def chunked_attention(qr, v, state, chunk_size, group=None):
     Chunks go in groups of ``group`` (default ``chunks_per_group``): all chunks of a group at once,
     the state carried from group to group; each group is recomputed in the backward pass, which keeps
     only the state entering it. Memory per batch row and head, in float32 besides the inputs and
-    outputs: 2 G N D while a group runs (its states) + (n_chunks / G) N D kept for the backward pass
+    outputs: 2 G N D while a group runs (its writes and the states before its chunks; 3 G N D when a
+    state is given) + (n_chunks / G) N D kept for the backward pass
     + G C^2 (its masked scores); about 2 sqrt(2 n_chunks) N D in all, where computing every chunk at
     once would take 2 n_chunks N D (25m, T 2048, C 256: 64 MiB against 128 MiB per head).
     Groups are split with ``mx.split``, whose backward pass concatenates: no full-size gradient per group.

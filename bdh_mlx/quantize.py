@@ -166,9 +166,9 @@ def build_parser():
 def run(args):
     from . import checkpoint
 
-    model = checkpoint.load(args.checkpoint)
     if Path(args.out).is_dir():
         raise BDHError(f"{args.out}: is a directory; --out needs a file name")
+    model = checkpoint.load(args.checkpoint)
     quantize(model, args.bits, args.group_size, args.embedding)
     checkpoint.save(model, args.out)
     before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
