@@ -10,6 +10,7 @@ from .errors import BDHError, CheckpointError, ConfigError, DataError
 from .generate import batch_generate, generate, generate_step, stream_generate
 from .merge import merge
 from .model import BDH, PRESETS, BDHConfig
+from .quantize import quantize
 from .sample_utils import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "make_logits_processors",
     "make_sampler",
     "merge",
+    "quantize",
     "save",
     "stream_generate",
 ]

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from .errors import BDHError, CheckpointError
 from .hub import resolve_checkpoint
 from .model import BDH, BDHConfig, rope_frequencies
+from .quantize import quantized_weight_shapes
 from .utils import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
 
 CONFIG_KEY = "__bdh_config__"
@@ -21,19 +22,30 @@ SMALL_ENTRY_BYTES = NPY_PREFIX_MAX + NPY_HEADER_MAX + 8  # a .npy header and one
 # Arrays a checkpoint may hold besides the weights: name -> shape for a config. Absent ones are fine.
 # Per-neuron RoPE frequencies (N,), stored only when they are not rope_frequencies(N): merged models.
 ROPE_FREQS_KEY = "rope_freqs"
+NESTED_FIELDS = {"quantization"}  # config fields that hold a small mapping (checked by BDHConfig)
 OPTIONAL_KEYS = {ROPE_FREQS_KEY: lambda config: (config.n_neurons,)}
 
 
 def weight_shapes(config: BDHConfig) -> dict:
-    """The official parameter names and their shapes for ``config``."""
+    """The official parameter names and their shapes for ``config`` (a quantized config: see quantize.py)."""
     D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
-    return {
+    shapes = {
         "embed.weight": (V, D),
         "encoder": (nh, D, N),
         "encoder_v": (nh, D, N),
         "decoder": (nh * N, D),
         "lm_head": (D, V),
     }
+    if config.quantization is None:
+        return shapes
+    quantized = quantized_weight_shapes(config)
+    replaced = {name.rsplit(".", 1)[0] for name in quantized}
+    return {**{k: v for k, v in shapes.items() if k.split(".")[0] not in replaced}, **quantized}
+
+
+def weight_dtype_ok(name: str, dtype) -> bool:
+    """Quantized values (``*.weight_q``) are uint32; every other weight is floating point."""
+    return dtype == np.uint32 if name.endswith(".weight_q") else np.issubdtype(dtype, np.floating)
 
 
 def check_weights(source, config: BDHConfig, weights: dict):
@@ -48,8 +60,9 @@ def check_weights(source, config: BDHConfig, weights: dict):
         got = tuple(weights[name].shape)
         if got != shape:
             raise CheckpointError(f"{source}: {name} has shape {got}, but the config needs {shape}")
-        if not np.issubdtype(weights[name].dtype, np.floating):
-            raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected floating point")
+        if not weight_dtype_ok(name, weights[name].dtype):
+            want = "uint32" if name.endswith(".weight_q") else "floating point"
+            raise CheckpointError(f"{source}: {name} has dtype {weights[name].dtype}, expected {want}")
 
 
 def expected_arrays(config: BDHConfig, names) -> dict:
@@ -66,8 +79,10 @@ def check_finite(source, weights: dict):
 
 
 def model_weights(model: BDH) -> dict:
-    """The model's parameters as float32 numpy arrays, under their official names."""
-    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    """The model's parameters as numpy arrays under their official names: float32 (quantized values stay uint32)."""
+    return {
+        k: np.array(v if v.dtype == mx.uint32 else v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
+    }
 
 
 def save_weights(path, config: BDHConfig, weights: dict):
@@ -104,7 +119,7 @@ def read_config(source, raw: np.ndarray, overrides: dict) -> BDHConfig:
     missing = [f.name for f in fields(BDHConfig) if f.name not in stored]
     if missing:
         raise CheckpointError(f"{source}: invalid config: missing {', '.join(missing)}")
-    nested = [key for key, value in stored.items() if isinstance(value, (dict, list))]
+    nested = [key for key, value in stored.items() if isinstance(value, (dict, list)) and key not in NESTED_FIELDS]
     if nested:
         raise CheckpointError(f"{source}: invalid config: {nested[0]} is not a single value")
     try:
@@ -130,6 +145,13 @@ def check_format(source, npz: NpzReader):
         raise CheckpointError(f"{source}: unknown checkpoint format {version}")
 
 
+def read_weight(npz: NpzReader, name: str) -> np.ndarray:
+    """A weight as float32, or a quantized weight's packed values as uint32."""
+    if name.endswith(".weight_q"):
+        return npz.read(name, kinds="u")
+    return npz.read(name, kinds="f").astype(np.float32, copy=False)
+
+
 def read_checkpoint(path, **config_overrides):
     """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, float32 weights)``.
 
@@ -153,7 +175,7 @@ def read_checkpoint(path, **config_overrides):
         for name, shape in expected.items():
             npz.check_declared_size(name, SMALL_ENTRY_BYTES + math.prod(shape) * 8, f"the config needs {shape}")
         check_weights(path, config, {name: npz.header(name) for name in expected})
-        weights = {name: npz.read(name, kinds="f").astype(np.float32, copy=False) for name in expected}
+        weights = {name: read_weight(npz, name) for name in expected}
     check_finite(path, weights)
     return config, weights
 

@@ -8,6 +8,7 @@ COMMANDS = {
     "generate": ("bdh_mlx.generate", "generate text from a checkpoint"),
     "eval": ("bdh_mlx.evaluate", "validation loss and bits per byte of a checkpoint"),
     "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
+    "quantize": ("bdh_mlx.quantize", "quantize a checkpoint to 4 or 8 bits"),
     "plot": ("bdh_mlx.plot", "draw PNG charts of a run's metrics"),
     "upload": ("bdh_mlx.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
     "merge": ("bdh_mlx.merge", "merge two checkpoints by concatenating their neurons"),

@@ -173,6 +173,9 @@ def mlx_to_torch(src, out) -> BDHConfig:
             f"{src}: has per-neuron RoPE frequencies (a merged model); the official code computes them from N "
             "and cannot hold these, so it cannot be converted to a .pt file"
         )
+    if config.quantization is not None:
+        raise CheckpointError(f"{src}: a {config.quantization['bits']}-bit quantized checkpoint; "
+                              "the official format needs the float checkpoint it was quantized from")
     save_torch_state_dict(out, to_torch_state_dict(config, weights))
     return config
 

@@ -23,7 +23,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import BDHCache
-from .errors import ConfigError
+from .errors import BDHError, ConfigError
+from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
 
 ATTENTION_FORMS = ("auto", "parallel", "chunked")
 ROPE_THETA = 65536.0
@@ -66,6 +67,7 @@ class BDHConfig:
     dropout: float = 0.1
     attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
     chunk_size: int = 256
+    quantization: dict | None = None  # {"bits", "group_size", "embedding"}: see quantize.py
 
     def __post_init__(self):
         for name, limit in SIZE_LIMITS.items():
@@ -90,6 +92,7 @@ class BDHConfig:
             raise ConfigError(
                 f"the config has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
             )
+        self.quantization = check_quantization(self.quantization, self.n_embd, self.n_neurons)
 
     @property
     def n_neurons(self) -> int:
@@ -183,20 +186,76 @@ def parallel_attention(qr, v):
 
 
 def recurrent_attention_step(qr, v, state):
-    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32."""
-    qr32 = qr.astype(state.dtype)
-    out = (qr32 @ state).astype(qr.dtype)
-    # A broadcast product, not a K = 1 matmul: one pass over the state (memory-bound at large N x D).
-    return out, state + qr32.swapaxes(-1, -2) * v.astype(state.dtype)
+    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32.
+
+    Memory-bound: the read is evaluated at once, so that the update, scheduled after it, is the only
+    user of the old state and MLX writes it in place (buffer donation) when nothing else holds it;
+    the update is a BLAS rank-1 ``addmm`` (multithreaded), not a broadcast product. Not traceable
+    (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
+    """
+    qr32, v32 = qr.astype(state.dtype), v.astype(state.dtype)
+    out = qr32 @ state
+    mx.eval(out)
+    return out.astype(qr.dtype), mx.addmm(state, qr32.swapaxes(-1, -2), mx.broadcast_to(v32, out.shape))
 
 
-def chunked_attention(qr, v, state, chunk_size):
-    """Masked parallel inside each chunk, the carried state S (B, nh, N, D) across chunks.
+SPARSE_STEP_DENSITY = 0.05  # above this fraction of active rows the dense step is faster (generate_speed.py)
 
-    O(T N D) time and O(N D) state instead of O(T^2 N). ``state`` may be None (empty).
-    All chunks are processed at once: the state before each chunk is the state given plus an
-    exclusive cumulative sum of what each chunk writes (in float32). Slicing chunks one by one
-    would make the backward pass build a full-size gradient per chunk.
+
+def sparse_attention_step(qr, v, state, max_density: float = SPARSE_STEP_DENSITY):
+    """``recurrent_attention_step`` reading and writing only the rows of S where qr is non-zero.
+
+    Rows with qr = 0 add nothing to the read and nothing to the state (ReLU makes most of x zero;
+    RoPE keeps a pair zero when both of its entries are). Per (batch row, head) the k active rows are
+    gathered (k: the most active rows of any head, the others padded with zero rows), updated and
+    scattered back in place; with more than ``max_density`` of N rows active, the dense step is used.
+    """
+    qr32 = qr.astype(state.dtype)[..., 0, :]  # (B, nh, N)
+    inactive = (qr32 == 0).astype(mx.uint8)
+    k = max(int((1 - inactive).sum(axis=-1).max().item()), 1)
+    if k > max_density * qr32.shape[-1]:
+        return recurrent_attention_step(qr, v, state)
+    rows = mx.argpartition(inactive, kth=k - 1, axis=-1)[..., :k]  # (B, nh, k): the active rows first
+    q = mx.take_along_axis(qr32, rows, axis=-1)[..., None, :]  # (B, nh, 1, k)
+    rows = rows[..., None]
+    active = mx.take_along_axis(state, rows, axis=-2)  # (B, nh, k, D)
+    out = q @ active
+    updated = mx.addmm(active, q.swapaxes(-1, -2), mx.broadcast_to(v.astype(state.dtype), out.shape))
+    mx.eval(out, updated)  # the gather is done: the scatter below may write into the state's buffer
+    return out.astype(qr.dtype), mx.put_along_axis(state, rows, updated, axis=-2)
+
+
+def _chunk_group(q, val, state):
+    """Chunks (B, nh, G, C, N) at once: masked parallel inside each, the state before each across them.
+
+    The state before each chunk is the state given (or none) plus an exclusive cumulative sum of what
+    each chunk writes, in float32: two (B, nh, G, N, D) tensors.
+    """
+    written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)  # (B, nh, G, N, D)
+    before = mx.cumsum(written, axis=2, inclusive=False)
+    if state is not None:
+        before = before + state[:, :, None]
+    out = parallel_attention(q, val) + (q.astype(mx.float32) @ before).astype(q.dtype)
+    return out, before[:, :, -1] + written[:, :, -1]
+
+
+def chunks_per_group(n_chunks: int) -> int:
+    """G = ceil(sqrt(n_chunks / 2)): minimises the 2 G states of a group plus the n_chunks / G saved ones."""
+    return max(1, math.ceil(math.sqrt(n_chunks / 2)))
+
+
+def chunked_attention(qr, v, state, chunk_size, group=None):
+    """Masked parallel inside each chunk of C tokens, the carried state S (B, nh, N, D) across chunks.
+
+    O(T N D + T C N) time instead of O(T^2 N). ``state`` may be None (empty).
+    Chunks go in groups of ``group`` (default ``chunks_per_group``): all chunks of a group at once,
+    the state carried from group to group; each group is recomputed in the backward pass, which keeps
+    only the state entering it. Memory per batch row and head, in float32 besides the inputs and
+    outputs: 2 G N D while a group runs (its writes and the states before its chunks; 3 G N D when a
+    state is given) + (n_chunks / G) N D kept for the backward pass
+    + G C^2 (its masked scores); about 2 sqrt(2 n_chunks) N D in all, where computing every chunk at
+    once would take 2 n_chunks N D (25m, T 2048, C 256: 64 MiB against 128 MiB per head).
+    Groups are split with ``mx.split``, whose backward pass concatenates: no full-size gradient per group.
     Returns the output and the state after the last token.
     """
     B, nh, T, N = qr.shape
@@ -208,13 +267,31 @@ def chunked_attention(qr, v, state, chunk_size):
         v = mx.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
     q = qr.reshape(B, nh, n_chunks, C, N)
     val = v.reshape(*v.shape[:2], n_chunks, C, v.shape[-1])
-    written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)  # (B, nh, n_chunks, N, D)
-    before = mx.cumsum(written, axis=2, inclusive=False)
-    if state is not None:
-        before = before + state[:, :, None]
-    out = parallel_attention(q, val) + (q.astype(mx.float32) @ before).astype(qr.dtype)
-    out = out.reshape(B, nh, n_chunks * C, -1)[:, :, :T]
-    return out, before[:, :, -1] + written[:, :, -1]
+    G = group or chunks_per_group(n_chunks)
+    cuts = list(range(G, n_chunks, G))
+    outs = []
+    for q_group, v_group in zip(mx.split(q, cuts, axis=2), mx.split(val, cuts, axis=2), strict=True):
+        if state is None:
+            out, state = mx.checkpoint(lambda q, val: _chunk_group(q, val, None))(q_group, v_group)
+        else:
+            out, state = mx.checkpoint(_chunk_group)(q_group, v_group, state)
+        outs.append(out)
+    out = mx.concatenate(outs, axis=2).reshape(B, nh, n_chunks * C, -1)[:, :, :T]
+    return out, state
+
+
+CHUNKED_FLOP_COST = 1.5  # measured: per flop, the chunked form runs about 1.5x slower than the parallel one
+
+
+def parallel_is_faster(T: int, N: int, D: int, chunk_size: int) -> bool:
+    """The cost model of ``attention="auto"``: parallel T^2 (N + D) flops against chunked T (C (N + D) + 2 N D).
+
+    Per head: the parallel form multiplies T x N by N x T and T x T by T x D; the chunked form does
+    the same inside chunks of C and writes and reads an N x D state per chunk. Measured at 25m
+    (N 8192, D 256; forward of one head, 2 cores): parallel and chunked (C 256) take 146 / 218 ms at
+    T 512, 537 / 621 at 1024, 2008 / 1046 at 2048: the switch is at T ~ 1100 (1.5 (C + 2 N D / (N + D))).
+    """
+    return T * (N + D) <= CHUNKED_FLOP_COST * (chunk_size * (N + D) + 2 * N * D)
 
 
 def dropout(x, p: float, keys):
@@ -233,6 +310,11 @@ def random_keys(n: int):
     return mx.random.randint(0, 2**31 - 1, (n, 2)).astype(mx.uint32)
 
 
+def matmul(x, w):
+    """``x @ w`` for a float weight ``(..., in, out)`` or a QuantizedWeight (which stores ``w`` transposed)."""
+    return w(x) if isinstance(w, QuantizedWeight) else x @ w
+
+
 def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop):
     """The N-wide part of a layer for the heads of ``encoder``: ``(u before its LN, x, y, attention state)``.
 
@@ -240,14 +322,14 @@ def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_dro
     ``attend(qr, v) -> (out, state)`` is the attention form. A pure function of its arrays, so it can
     be recomputed in the backward pass.
     """
-    x = relu(v @ encoder)  # (B, nh, T, N)
+    x = relu(matmul(v, encoder))  # (B, nh, T, N)
     read, state = attend(rope(x, cos, sin), v)
     a = layer_norm(read)  # (B, nh, T, D)
-    y = relu(a @ encoder_v)  # (B, nh, T, N)
+    y = relu(matmul(a, encoder_v))  # (B, nh, T, N)
     xy = x * y if keys is None else dropout(x * y, p_drop, keys)
     # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
-    per_head = decoder.reshape(encoder.shape[0], -1, decoder.shape[-1])
-    return (xy @ per_head).sum(axis=1, keepdims=True), x, y, state
+    per_head = decoder if isinstance(decoder, QuantizedWeight) else decoder.reshape(x.shape[1], -1, v.shape[-1])
+    return matmul(xy, per_head).sum(axis=1, keepdims=True), x, y, state
 
 
 def recompute_in_backward(fn, *inputs):
@@ -292,11 +374,15 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
+        if config.quantization is not None:  # inference only: see quantize.py
+            for name, weight in make_quantized_weights(config).items():
+                setattr(self, name, weight)
         # A constant: the leading "_" keeps it out of parameters().
         self._freqs = rope_frequencies(N) if rope_freqs is None else mx.array(rope_freqs, dtype=mx.float32)
         if self._freqs.shape != (N,):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = mx.float32
+        self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
 
     def set_compute_dtype(self, dtype):
         """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""
@@ -314,13 +400,14 @@ class BDH(nn.Module):
             return "step" if T == 1 else "chunked"
         form = self.config.attention
         if form == "auto":
-            form = "parallel" if T <= 4 * self.config.chunk_size else "chunked"
+            c = self.config
+            form = "parallel" if parallel_is_faster(T, c.n_neurons, c.n_embd, c.chunk_size) else "chunked"
         return form
 
     def attend(self, form: str, qr, v, state=None):
         """The attention of ``form``: ``(out, state after the last token)``; the parallel form keeps no state."""
         if form == "step":
-            return recurrent_attention_step(qr, v, state)
+            return sparse_attention_step(qr, v, state, self.sparse_step_density)
         if form == "chunked":
             return chunked_attention(qr, v, state, self.config.chunk_size)
         return parallel_attention(qr, v), None
@@ -340,8 +427,11 @@ class BDH(nn.Module):
         c = self.config
         B, T = idx.shape
         dtype = self.compute_dtype
+        if self.training and c.quantization is not None:
+            raise BDHError("a quantized model is for inference only and cannot be trained; call model.eval()")
         encoder, encoder_v, decoder, lm_head = (
-            w.astype(dtype) for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
+            w if isinstance(w, QuantizedWeight) else w.astype(dtype)
+            for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
         )
         positions = mx.arange(T) if cache is None else cache.offset[:, None, None] + mx.arange(T)
         cos, sin = rope_cos_sin(positions, self._freqs, dtype)  # (T, N) or (B, 1, T, N)
@@ -365,7 +455,7 @@ class BDH(nn.Module):
                 if activations is not None:
                     activations.append({"x": x, "y": y})
             v = layer_norm(v + layer_norm(u))
-        logits = (v[:, 0] @ lm_head).astype(mx.float32)  # (B, T, V)
+        logits = matmul(v[:, 0], lm_head).astype(mx.float32)  # (B, T, V)
 
         if cache is not None:
             cache.offset = cache.offset + T

@@ -1,21 +1,34 @@
 """Per-token decode time with the recurrent cache against recomputing the whole prefix, by context length.
 
     python benchmarks/generate_speed.py [--preset 25m] [--contexts 256 1024 4096 16384] [--tokens 16]
+    python benchmarks/generate_speed.py --contexts 256 --densities 0.025 0.05 0.1 0.25 --recompute-max 0
+    python benchmarks/generate_speed.py --sparsity-of /work/models/small-pydoc/best.npz --contexts 256
+
+Decoding is timed with the dense step and with the sparse step (only the state rows where the rotated
+x is non-zero), side by side. "GB/s" is the memory a step must move (the layer's weights read by each of
+the n_layer layers, the state read and written once) divided by its time, printed next to the machine's
+copy bandwidth (numpy and MLX copies of a 200 MB array, read + write). ``--densities``: a model of the
+preset's shape whose encoder columns are zeroed so that about that fraction of x is non-zero (random
+weights are not sparse: about half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and
+of active RoPE pairs, the rows the sparse step touches) per layer of a trained checkpoint.
 
 The context is built once, by chunked prefill through the cache, growing from one length to the
 next; decoding is timed only after each prefill (``generate_step`` from a copy of the cache).
-Recomputation is one full forward pass over context + 1 tokens (the model's own attention form:
-parallel up to 4 chunks, chunked beyond), timed up to ``--recompute-max``.
+Recomputation is one full forward pass over context + 1 tokens (the model's own attention form,
+``auto``), timed up to ``--recompute-max``.
 """
 
 import argparse
 import time
 
 import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
+from bdh_mlx import load
 from bdh_mlx.generate import generate_step, prefill
 from bdh_mlx.model import BDH, BDHConfig
-from bdh_mlx.utils import COMPUTE_DTYPES
+from bdh_mlx.utils import COMPUTE_DTYPES, eval_mode
 
 
 def decode_seconds_per_token(model, cache, token, n_tokens, repeats):
@@ -30,6 +43,59 @@ def decode_seconds_per_token(model, cache, token, n_tokens, repeats):
             pass
         best = min(best, (time.perf_counter() - tic) / n_tokens)
     return best
+
+
+def copy_bandwidth(n_bytes=200_000_000, repeats=5):
+    """(numpy, MLX) copy bandwidth in GB/s of an ``n_bytes`` float32 array, counting read + write."""
+    a = np.random.default_rng(0).random(n_bytes // 4, dtype=np.float32)
+    b = mx.array(a)
+    mx.eval(b)
+    best_np = best_mx = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a.copy()
+        best_np = min(best_np, time.perf_counter() - tic)
+        tic = time.perf_counter()
+        mx.eval(b + 0)
+        best_mx = min(best_mx, time.perf_counter() - tic)
+    return 2 * n_bytes / best_np / 1e9, 2 * n_bytes / best_mx / 1e9
+
+
+def step_bytes(model, cache) -> int:
+    """The least memory one decoding step moves: the weights read by each layer, the state read and written once.
+
+    The shared layer's weights (100 MB at 25m) are applied n_layer times and fit in no CPU cache, so they
+    are read n_layer times (the embedding only for one row); counting them once would halve the figure.
+    """
+    params = dict(tree_flatten(model.parameters()))
+    embedding = params.pop("embed.weight").nbytes // model.config.vocab_size
+    weights = model.config.n_layer * sum(v.nbytes for k, v in params.items() if k != "lm_head")
+    return embedding + weights + params["lm_head"].nbytes + 2 * sum(s.nbytes for s in cache.states)
+
+
+def dense_and_sparse(model, cache, token, n_tokens, repeats):
+    """Seconds per token with the dense step and with the sparse step."""
+    default = model.sparse_step_density
+    model.sparse_step_density = 0.0
+    dense = decode_seconds_per_token(model, cache, token, n_tokens, repeats)
+    model.sparse_step_density = default
+    return dense, decode_seconds_per_token(model, cache, token, n_tokens, repeats)
+
+
+def with_density(model, density, seed=0):
+    """Zero encoder columns so that about ``density`` of x is non-zero (a kept neuron is active half the time)."""
+    nh, D, N = model.encoder.shape
+    keep = np.random.default_rng(seed).random((nh, 1, N)) < 2 * density
+    model.encoder = model.encoder * mx.array(keep)
+    return model
+
+
+def x_sparsity(model, text: bytes):
+    """Per layer: fraction of non-zero x, and of RoPE pairs (2i, 2i+1) with an entry non-zero."""
+    activations = []
+    model(mx.array([list(text)]), activations=activations)
+    x = [np.array(a["x"]) != 0 for a in activations]
+    return [a.mean() for a in x], [(a[..., 0::2] | a[..., 1::2]).mean() for a in x]
 
 
 def recompute_seconds(model, idx):
@@ -50,20 +116,44 @@ def main():
     p.add_argument("--recompute-max", type=int, default=4096, help="longest context to time recomputation at")
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32")
+    p.add_argument("--densities", type=float, nargs="*", default=[],
+                   help="also time models whose x has about this fraction non-zero")
+    p.add_argument("--sparsity-of", metavar="CKPT", help="print the non-zero fraction of x per layer of a checkpoint")
     args = p.parse_args()
 
-    config = BDHConfig.from_preset(args.preset, dropout=0.0)
-    mx.random.seed(0)
-    model = BDH(config).set_compute_dtype(COMPUTE_DTYPES[args.dtype])
-    model.eval()
-    mx.eval(model.parameters())
-    contexts = sorted(args.contexts)
-    idx = mx.random.randint(0, config.vocab_size, (1, contexts[-1] + 1))
-    print(f"preset {args.preset} ({config.num_parameters / 1e6:.1f} M parameters, {config.n_layer} layers, "
-          f"N {config.n_neurons}), {args.dtype}, random weights, device {mx.default_device()}")
-    header = ["context", "+prefill s", "cached ms/tok", "recompute ms/tok", "ratio", "cache MB"]
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, [8, 10, 14, 17, 8, 9], strict=True)))
+    if args.sparsity_of:
+        model = load(args.sparsity_of)
+        from pydoc_data.topics import topics  # held-out-like English text the model was not timed on
 
+        with eval_mode(model):
+            x, pairs = x_sparsity(model, topics[sorted(topics)[-1]].encode()[:512])
+        print(f"{args.sparsity_of}: non-zero x per layer {' '.join(f'{f:.3f}' for f in x)}; "
+              f"active RoPE pairs (rows the sparse step touches) {' '.join(f'{f:.3f}' for f in pairs)}")
+
+    numpy_bw, mlx_bw = copy_bandwidth()
+    print(f"copy bandwidth (200 MB, read + write): numpy {numpy_bw:.1f} GB/s, MLX {mlx_bw:.1f} GB/s")
+    config = BDHConfig.from_preset(args.preset, dropout=0.0)
+    for density in [None, *args.densities]:
+        mx.random.seed(0)
+        model = BDH(config).set_compute_dtype(COMPUTE_DTYPES[args.dtype])
+        if density is not None:
+            with_density(model, density)
+        model.eval()
+        mx.eval(model.parameters())
+        print(f"preset {args.preset} ({config.num_parameters / 1e6:.1f} M parameters, {config.n_layer} layers, "
+              f"N {config.n_neurons}), {args.dtype}, random weights"
+              f"{'' if density is None else f' with about {density:.1%} of x non-zero'}, device {mx.default_device()}")
+        time_contexts(model, args, numpy_bw)
+
+
+def time_contexts(model, args, numpy_bw):
+    config = model.config
+    contexts = sorted(args.contexts)
+    idx = mx.random.randint(0, config.vocab_size, (1, contexts[-1] + 1), key=mx.random.key(1))
+    header = ["context", "+prefill s", "dense ms/tok", "GB/s", "of copy", "sparse ms/tok", "speedup",
+              "recompute ms/tok", "ratio", "cache MB"]
+    widths = [8, 10, 13, 7, 8, 14, 8, 17, 8, 9]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     cache = model.make_cache(1)
     cached = {}
     done = 0
@@ -72,16 +162,20 @@ def main():
         prefill(model, idx[:, done:context], cache, args.prefill_chunk)
         prefill_s, done = time.perf_counter() - tic, context
         mx.clear_cache()  # give back the prefill's buffers before timing decoding
-        cached[context] = decode_seconds_per_token(model, cache, idx[0, context].item(), args.tokens, args.repeats)
+        dense, sparse = dense_and_sparse(model, cache, idx[0, context].item(), args.tokens, args.repeats)
+        cached[context] = dense
+        bandwidth = step_bytes(model, cache) / dense / 1e9
         if context <= args.recompute_max:
             recompute = recompute_seconds(model, idx[:, : context + 1])
-            recompute_text, ratio = f"{recompute * 1e3:17.1f}", f"{recompute / cached[context]:7.0f}x"
+            recompute_text, ratio = f"{recompute * 1e3:17.1f}", f"{recompute / dense:7.0f}x"
         else:
             recompute_text, ratio = f"{'skipped':>17}", f"{'-':>8}"
-        print(f"{context:>8} {prefill_s:>10.1f} {cached[context] * 1e3:>14.1f} {recompute_text} {ratio} "
-              f"{cache.nbytes / 1e6:>9.1f}", flush=True)
+        print(f"{context:>8} {prefill_s:>10.1f} {dense * 1e3:>13.1f} {bandwidth:>7.1f} {bandwidth / numpy_bw:>8.0%} "
+              f"{sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x {recompute_text} {ratio} {cache.nbytes / 1e6:>9.1f}",
+              flush=True)
     first, last = contexts[0], contexts[-1]
-    print(f"cached per-token time at {last} / at {first}: {cached[last] / cached[first]:.2f}")
+    if last != first:
+        print(f"cached per-token time at {last} / at {first}: {cached[last] / cached[first]:.2f}")
     skipped = [c for c in contexts if c > args.recompute_max]
     if skipped:
         print(f"recompute skipped at {', '.join(map(str, skipped))} (raise --recompute-max to time it)")

@@ -1,5 +1,7 @@
 """The three forms of BDH attention (parallel, chunked, recurrent) agree, alone and inside the model."""
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -8,7 +10,14 @@ from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
 from bdh_mlx.generate import prefill
-from bdh_mlx.model import BDH, BDHConfig, chunked_attention, parallel_attention, recurrent_attention_step
+from bdh_mlx.model import (
+    BDH,
+    BDHConfig,
+    chunked_attention,
+    parallel_attention,
+    recurrent_attention_step,
+    sparse_attention_step,
+)
 
 TOL = 1e-4
 
@@ -43,12 +52,12 @@ def test_parallel_matches_reference(inputs):
     assert_close(parallel_attention(qr, v), reference_attention(qr, v), "parallel")
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 10, 50, 64])
-def test_chunked_matches_parallel(inputs, chunk_size):
+@pytest.mark.parametrize("chunk_size, group", [(1, None), (7, None), (7, 1), (7, 3), (10, None), (50, None), (64, 2)])
+def test_chunked_matches_parallel(inputs, chunk_size, group):
     qr, v = inputs
-    out, state = chunked_attention(qr, v, None, chunk_size)
+    out, state = chunked_attention(qr, v, None, chunk_size, group)
     assert state.dtype == mx.float32 and state.shape == (2, 3, 16, 8)
-    assert_close(out, parallel_attention(qr, v), f"chunked {chunk_size}")
+    assert_close(out, parallel_attention(qr, v), f"chunked {chunk_size}, groups of {group}")
     assert_close(state, qr.swapaxes(-1, -2) @ v, f"chunked {chunk_size} final state")
 
 
@@ -104,7 +113,9 @@ def test_model_token_by_token_at_1030_tokens():
 
 def test_auto_switches_to_chunked_for_long_sequences():
     model = tiny_model(attention="auto", chunk_size=8)
-    idx = mx.random.randint(0, 256, (1, 40), key=mx.random.key(3))  # 40 > 4 * 8: chunked
+    # T (N + D) against 1.5 (C (N + D) + 2 N D) with N 128, D 32, C 8: the switch is at T = 88.8
+    assert [model.attention_form(T, cached=False) for T in (88, 89)] == ["parallel", "chunked"]
+    idx = mx.random.randint(0, 256, (1, 100), key=mx.random.key(3))
     assert_close(model(idx)[0], tiny_model(attention="parallel")(idx)[0], "auto")
 
 
@@ -148,3 +159,38 @@ def test_fixtures_in_uneven_cached_pieces(name):
     cache = model.make_cache(idx.shape[0])
     parts = [model(idx[:, a:b], cache=cache)[0] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
     assert_close(mx.concatenate(parts, axis=1), f["logits"], f"{name} in pieces {cuts}")
+
+
+def step_inputs(active_per_row, N=64, D=8, seed=0):
+    """qr (B 1, nh 4, 1, N) with ``active_per_row[h]`` non-zero entries per head, v, and a random state."""
+    rng = np.random.default_rng(seed)
+    qr = np.zeros((1, len(active_per_row), 1, N), np.float32)
+    for h, k in enumerate(active_per_row):
+        qr[0, h, 0, rng.choice(N, k, replace=False)] = rng.normal(size=k)
+    v = rng.normal(size=(1, 1, 1, D)).astype(np.float32)
+    state = rng.normal(size=(1, len(active_per_row), N, D)).astype(np.float32)
+    return qr, v, state
+
+
+@pytest.mark.parametrize("active", [(0, 0, 0, 0), (0, 3, 1, 64), (5, 9, 2, 7), (64, 64, 64, 64)])
+def test_sparse_step_equals_the_dense_step(active):
+    """All-zero rows, fully dense rows and mixed: the read and the new state of out = qr S, S + qr^T v."""
+    qr, v, state = step_inputs(active)
+    want_out, want_state = qr @ state, state + qr.swapaxes(-1, -2) * v  # numpy, float32
+    for step in (recurrent_attention_step, partial(sparse_attention_step, max_density=1.0)):
+        out, new_state = step(mx.array(qr), mx.array(v), mx.array(state))
+        np.testing.assert_allclose(np.array(out), want_out, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.array(new_state), want_state, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_steps_update_the_state_in_place():
+    """Once the cache lets go of the old state, the step writes into its buffer: no second state in memory."""
+    qr, v, state = step_inputs((3, 0, 5, 1), N=4096, D=64)  # a 4 MB state
+    for step in (recurrent_attention_step, sparse_attention_step):
+        s = mx.array(state)
+        mx.eval(s)
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out, s = step(mx.array(qr), mx.array(v), s)
+        mx.eval(out, s)
+        assert mx.get_peak_memory() - before < state.nbytes / 2, step.__name__
