@@ -6,6 +6,7 @@ from .errors import BDHError, CheckpointError, ConfigError, DataError
 from .generate import batch_generate, generate, generate_step, stream_generate
 from .model import BDH, PRESETS, BDHConfig
 from .sample_utils import make_logits_processors, make_sampler
+from .template import apply_template, end_of_response
 
 __version__ = "0.1.0"
 
@@ -18,7 +19,9 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PRESETS",
+    "apply_template",
     "batch_generate",
+    "end_of_response",
     "generate",
     "generate_step",
     "load",

@@ -51,6 +51,7 @@ class BDHConfig:
     dropout: float = 0.1
     attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
     chunk_size: int = 256
+    prompt_template: dict | None = None  # set by ``bdh-mlx finetune``: see ``template.py``
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size", "chunk_size"):
@@ -68,6 +69,13 @@ class BDHConfig:
                 f"mlp_internal_dim_multiplier * n_embd // n_head must be even and positive for RoPE, "
                 f"got {self.n_neurons}"
             )
+        if self.prompt_template is not None:
+            keys = ("prompt", "prompt_input", "end")
+            if not isinstance(self.prompt_template, dict) or not all(
+                isinstance(self.prompt_template.get(k), str) for k in keys
+            ):
+                raise ConfigError(f"prompt_template must map {', '.join(keys)} to strings, "
+                                  f"got {self.prompt_template!r}")
 
     @property
     def n_neurons(self) -> int:
