@@ -55,6 +55,10 @@ class Example:
 # --- Reading and normalising -----------------------------------------------------------
 
 
+def warn(text: str):
+    print(f"{PROG}: warning: {text}", file=sys.stderr)
+
+
 def detect_format(columns, source: str) -> str:
     """The format whose columns are all present; a clear error listing what was found otherwise."""
     for name, needed in FORMATS.items():
@@ -110,7 +114,7 @@ def normalise(records: list, source: str) -> tuple:
     if not usable:
         raise DataError(f"{source}: none of the {len(examples)} examples has a response")
     if len(usable) < len(examples):
-        print(f"{PROG}: warning: {source}: skipped {len(examples) - len(usable)} examples with an empty response", file=sys.stderr)
+        warn(f"{source}: skipped {len(examples) - len(usable)} examples with an empty response")
     return usable, fmt
 
 
@@ -232,9 +236,9 @@ def pack(examples: list, template: dict, block_size: int, what: str = "") -> np.
         used += len(tokens)
     rows.append(row)
     if cuts[1] or cuts[2]:
-        print(f"{PROG}: warning: {cuts[1] + cuts[2]} of {len(examples)} {what}examples are longer than "
-              f"--block-size + 1 = {length} bytes: their prompts were truncated from the start"
-              + (f" ({cuts[2]} lost their whole prompt and the end of the response)" if cuts[2] else ""), file=sys.stderr)
+        warn(f"{cuts[1] + cuts[2]} of {len(examples)} {what}examples are longer than "
+             f"--block-size + 1 = {length} bytes: their prompts were truncated from the start"
+             + (f" ({cuts[2]} lost their whole prompt and the end of the response)" if cuts[2] else ""))
     return np.stack(rows)
 
 
@@ -309,10 +313,6 @@ def build_model(args, resume_state, run):
 
 def finetune(args) -> dict:
     """Run (or resume) a fine-tune as ``args`` describe; returns the last metrics record."""
-    return train.run_interruptibly(_finetune, args)
-
-
-def _finetune(args, stop) -> dict:
     if args.resume is None and (args.init_from is None or args.data is None):
         raise ConfigError("--init-from CKPT_OR_REPO (the model to fine-tune) and --data FILE_OR_DATASET are required")
     args, run, resume_state, model = train.prepare_run(args, build=build_model)
@@ -326,7 +326,7 @@ def _finetune(args, stop) -> dict:
               f"{len(data.val)} for validation")
     sampler = RowSampler(train_rows, args.batch_size, args.block_size, args.seed)
     batches = val_batches(val_rows, args.batch_size, args.eval_batches)
-    return train.run_training(args, run, resume_state, model, sampler, batches, response_loss, source, stop,
+    return train.run_training(args, run, resume_state, model, sampler, batches, response_loss, source,
                               inputs=response_inputs, prog=PROG, try_args='--instruction "..."')
 
 

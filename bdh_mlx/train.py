@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -393,10 +394,12 @@ def is_finite(model: BDH) -> bool:
 
 
 class StopFlag:
-    """Ctrl-C handling while the run computes in a worker thread (see ``run_in_worker``).
+    """Ctrl-C during training, answered at once even while the main thread is inside a long step.
 
-    The first Ctrl-C is acknowledged at once and asks the loop to save after the current step;
-    a second one stops the process at once without saving (the last checkpoint stays intact).
+    Python runs signal handlers only between bytecodes, so a step of minutes would hide Ctrl-C until it ends.
+    The C-level handler also writes the signal to a wakeup socket (``signal.set_wakeup_fd``), which a watcher
+    thread reads: the first Ctrl-C is acknowledged at once and asks the loop to save after this step; a second
+    one stops the process at once without saving (every checkpoint on disk stays intact).
     """
 
     def __init__(self):
@@ -407,49 +410,33 @@ class StopFlag:
         tqdm.write(f"{PROG}: {text}", file=sys.stderr)
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self.previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # the watcher acts
+        threading.Thread(target=self._watch, name="bdh-mlx-ctrl-c", daemon=True).start()
         return self
 
-    def handle(self, signum, frame):
+    def _watch(self):
+        while data := self._read.recv(64):
+            if signal.SIGINT in data:
+                self._interrupt()
+
+    def _interrupt(self):
         if not self.requested:
             self.requested = True
             self.say("Ctrl-C: finishing this step, then saving (press Ctrl-C again to stop without saving)")
             return
-        self.say("stopped without saving; the last checkpoint is intact")
+        self.say("stopped without saving; the checkpoints on disk are intact")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self.previous_fd)
         signal.signal(signal.SIGINT, self.previous)
-
-
-def run_interruptibly(fn, *args):
-    """``fn(*args, stop)`` in a worker thread, so that the main thread answers Ctrl-C even during a long step.
-
-    All MLX work of the run happens in that thread (MLX streams belong to the thread that made them).
-    """
-    with StopFlag() as stop:
-        return run_in_worker(fn, *args, stop)
-
-
-def run_in_worker(fn, *args):
-    """``fn(*args)`` in a worker thread, joined with a timeout so the main thread keeps handling signals."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as e:  # handed to the main thread
-            outcome["error"] = e
-
-    worker = threading.Thread(target=target, name="bdh-mlx-train", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+        self._write.close()  # ends the watcher
+        self._read.close()
 
 
 @dataclass
@@ -651,21 +638,17 @@ def prepare_run(args, build=build_model):
 
 def train(args) -> dict:
     """Run (or resume) training as ``args`` describe; returns the last metrics record."""
-    return run_interruptibly(_train, args)
-
-
-def _train(args, stop) -> dict:
     args, run, resume_state, model = prepare_run(args)
     corpus = load_corpus(args, args.cache_dir or default_cache_dir(run.path))
     corpus.check_block_size(args.block_size)
     sampler = BatchSampler(corpus.train, args.batch_size, args.block_size, args.seed)
     val_batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
-    return run_training(args, run, resume_state, model, sampler, val_batches, loss_fn, corpus.source, stop)
+    return run_training(args, run, resume_state, model, sampler, val_batches, loss_fn, corpus.source)
 
 
-def run_training(args, run, resume_state, model, sampler, val_batches, loss, source, stop, inputs=next_byte_inputs,
+def run_training(args, run, resume_state, model, sampler, val_batches, loss, source, inputs=next_byte_inputs,
                  prog=PROG, try_args='--prompt "The " --max-tokens 200') -> dict:
-    """Lock the folder and train: the part ``train`` and ``finetune`` share (called inside ``run_interruptibly``).
+    """Lock the folder and train: the part ``train`` and ``finetune`` share.
 
     ``inputs`` and ``prog``: see ``Trainer``; ``try_args``: the generate options the closing lines suggest.
     """
@@ -683,7 +666,8 @@ def run_training(args, run, resume_state, model, sampler, val_batches, loss, sou
         if wandb is not None and writer:
             t.wandb_run = wandb.init(project=args.wandb, name=run.path.name, dir=str(run.path), config=t.saved_args)
         try:
-            record = train_loop(t, stop)
+            with StopFlag() as stop:
+                record = train_loop(t, stop)
         except TrainingError as e:
             raise TrainingError(f"{e}; stopped, {t.kept()}") from None
         finally:

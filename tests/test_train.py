@@ -152,7 +152,7 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, resume_corpus, one_go, monke
     def interrupting_sample(self, n):
         calls.append(n)
         if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 6 runs (the main thread answers it)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 6 runs (the watcher thread answers it)
             time.sleep(0.5)
         return sample(self, n)
 

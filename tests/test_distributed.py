@@ -1,0 +1,55 @@
+"""Data-parallel training with mx.distributed on loopback: ``mlx.launch -n 2 --backend ring``."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_RUN
+
+from bdh_mlx import train
+from bdh_mlx.checkpoint import read_checkpoint
+
+LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")]
+RUN = [*TINY_RUN, "--dropout", "0", "--log-every", "1", "--eval-every", "3", "--save-every", "3", "--lr", "3e-3"]
+
+
+def launch(argv, cwd):
+    command = [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "bdh_mlx", "train", *argv]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_weights(a, b, atol):
+    wa, wb = read_checkpoint(a)[1], read_checkpoint(b)[1]
+    for k in wb:
+        np.testing.assert_allclose(wa[k], wb[k], atol=atol, rtol=0, err_msg=k)
+
+
+def test_two_processes_train_the_model_one_process_trains(tmp_path, corpus_file):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main([*RUN, "--data", str(corpus_file), "--out", str(one), "--steps", "6"]) == 0
+    launch([*RUN, "--data", str(corpus_file), "--out", str(two), "--steps", "6"], tmp_path)
+    assert_close_weights(two / "last.npz", one / "last.npz", atol=1e-5)
+    for a, b in zip(records(two), records(one), strict=True):
+        assert a["step"] == b["step"] and a["world_size"] == 2 and b["world_size"] == 1
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["tokens_per_sec"] > 0
+    assert records(two)[-1]["val_loss"] == pytest.approx(records(one)[-1]["val_loss"], abs=1e-5)
+    assert json.loads((two / "last.json").read_text())["world_size"] == 2
+
+    # Resuming the two-process run is exact: 3 steps, then 3 more, equal 6 in one go.
+    half = tmp_path / "half"
+    launch([*RUN, "--data", str(corpus_file), "--out", str(half), "--steps", "3"], tmp_path)
+    launch(["--resume", str(half), "--steps", "6"], tmp_path)
+    assert_close_weights(half / "last.npz", two / "last.npz", atol=0)
+    assert [r["train_loss"] for r in records(half)] == [r["train_loss"] for r in records(two)]
