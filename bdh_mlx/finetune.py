@@ -26,9 +26,10 @@ import mlx.nn as nn
 import numpy as np
 
 from . import train
-from .arguments import ArgumentParser, add_batch_arguments, number_in, positive_int, run_command
+from .arguments import ArgumentParser, add_batch_arguments, non_negative_float, number_in, positive_int, run_command
 from .data import BatchSampler, open_dataset
 from .errors import ConfigError, DataError
+from .model import ATTENTION_FORMS
 from .template import ALPACA_TEMPLATE, format_prompt, history_text
 
 PROG = "bdh-mlx finetune"
@@ -278,7 +279,13 @@ def build_parser():
     p = ArgumentParser(prog=PROG, description="Fine-tune a BDH checkpoint on instruction/response pairs "
                              "(Alpaca, Dolly, prompt/completion or chat messages), or resume a fine-tune.")
     p.add_argument("--config", metavar="FILE", help="YAML or TOML file of option values; flags override it")
-    train.add_model_arguments(p)
+    model = p.add_argument_group("model (the checkpoint's config, except for these)")
+    model.add_argument("--init-from", metavar="CKPT_OR_REPO", help="the checkpoint to fine-tune: .npz path or Hub "
+                       "repo id org/name[@revision] (required)")
+    model.add_argument("--dropout", type=non_negative_float, help="dropout on x * y")
+    model.add_argument("--attention", choices=ATTENTION_FORMS, help="attention form (auto, parallel, chunked)")
+    model.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of the chunked form")
+    p.set_defaults(preset=None, **{flag: None for flag in train.MODEL_FLAGS})  # the shape is the checkpoint's
     data = p.add_argument_group("instruction data")
     data.add_argument("--data", metavar="FILE_OR_DATASET", help="a .jsonl/.json/.parquet file, a folder with "
                       "train and valid files, or a Hugging Face dataset name (e.g. tatsu-lab/alpaca)")

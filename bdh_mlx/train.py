@@ -402,12 +402,11 @@ class StopFlag:
     one stops the process at once without saving (every checkpoint on disk stays intact).
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, prog: str = PROG):
+        self.requested, self.prog = False, prog
 
-    @staticmethod
-    def say(text):
-        tqdm.write(f"{PROG}: {text}", file=sys.stderr)
+    def say(self, text):
+        tqdm.write(f"{self.prog}: {text}", file=sys.stderr)
 
     def __enter__(self):
         self._read, self._write = socket.socketpair()
@@ -666,7 +665,7 @@ def run_training(args, run, resume_state, model, sampler, val_batches, loss, sou
         if wandb is not None and writer:
             t.wandb_run = wandb.init(project=args.wandb, name=run.path.name, dir=str(run.path), config=t.saved_args)
         try:
-            with StopFlag() as stop:
+            with StopFlag(prog) as stop:
                 record = train_loop(t, stop)
         except TrainingError as e:
             raise TrainingError(f"{e}; stopped, {t.kept()}") from None

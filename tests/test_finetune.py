@@ -190,3 +190,11 @@ def test_no_template_or_no_model_is_one_line_exit_2(base, capsys):
     assert finetune_main(["--data", "x.jsonl"]) == 2
     assert capsys.readouterr().err == ("bdh-mlx finetune: error: --init-from CKPT_OR_REPO (the model to fine-tune) "
                                        "and --data FILE_OR_DATASET are required\n")
+
+
+def test_a_folder_gives_its_train_and_valid_files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(4)])
+    (tmp_path / "valid.json").write_text(json.dumps([{"prompt": "v", "completion": "c"}]))
+    loaded = load_examples(parse_args(["--init-from", "x", "--data", str(tmp_path)]))
+    assert sorted(e.instruction for e in loaded.train) == ["p0", "p1", "p2", "p3"]
+    assert loaded.val == [Example("v", "", "c")] and loaded.source == str(tmp_path)
