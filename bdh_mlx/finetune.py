@@ -153,8 +153,14 @@ def folder_files(folder: Path) -> tuple:
     return files["train"], next((files[n] for n in VALID_NAMES if n in files), None)
 
 
-def read_source(spec: str, split: str, val_spec, val_split) -> tuple:
-    """``(train records, validation records or None, source description)``."""
+def dataset_records(spec: str, split: str, limit) -> list:
+    """The first ``limit`` rows (all when None) of a Hugging Face dataset split, as dicts."""
+    ds = open_dataset(spec, split)
+    return ds.select(range(min(limit or len(ds), len(ds)))).to_list()
+
+
+def read_source(spec: str, split: str, val_spec, val_split, limit=None) -> tuple:
+    """``(train records, validation records or None, source description)``; ``limit`` caps dataset reads."""
     path = Path(spec).expanduser()
     if path.is_dir():
         train_file, val_file = folder_files(path)
@@ -165,8 +171,8 @@ def read_source(spec: str, split: str, val_spec, val_split) -> tuple:
     elif spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES:
         raise DataError(f"{spec}: no such file or folder")
     else:
-        train_records, source = open_dataset(spec, split).to_list(), f"dataset {spec} [{split}]"
-        val = open_dataset(spec, val_split).to_list() if val_split is not None else None
+        train_records, source = dataset_records(spec, split, limit), f"dataset {spec} [{split}]"
+        val = dataset_records(spec, val_split, limit) if val_split is not None else None
     if val_spec is not None:
         val = read_file(Path(val_spec).expanduser())
     return train_records, val, source
@@ -182,7 +188,8 @@ class InstructionData:
 
 def load_examples(args) -> InstructionData:
     """The training and validation examples the data options name, normalised; ``--max-examples`` caps both."""
-    records, val_records, source = read_source(args.data, args.split, args.val_data, args.val_split)
+    records, val_records, source = read_source(args.data, args.split, args.val_data, args.val_split,
+                                               args.max_examples)
     cap = slice(args.max_examples)
     train_examples, fmt = normalise(records[cap], source)
     rng = np.random.Generator(np.random.PCG64(args.seed))
