@@ -12,6 +12,7 @@ from .merge import merge
 from .model import BDH, PRESETS, BDHConfig
 from .quantize import quantize
 from .sample_utils import make_logits_processors, make_sampler
+from .template import apply_template, end_of_response
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,9 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PRESETS",
+    "apply_template",
     "batch_generate",
+    "end_of_response",
     "generate",
     "generate_step",
     "load",

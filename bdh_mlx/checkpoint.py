@@ -22,7 +22,7 @@ SMALL_ENTRY_BYTES = NPY_PREFIX_MAX + NPY_HEADER_MAX + 8  # a .npy header and one
 # Arrays a checkpoint may hold besides the weights: name -> shape for a config. Absent ones are fine.
 # Per-neuron RoPE frequencies (N,), stored only when they are not rope_frequencies(N): merged models.
 ROPE_FREQS_KEY = "rope_freqs"
-NESTED_FIELDS = {"quantization"}  # config fields that hold a small mapping (checked by BDHConfig)
+NESTED_FIELDS = {"quantization", "prompt_template"}  # config fields that hold a small mapping (checked by BDHConfig)
 OPTIONAL_KEYS = {ROPE_FREQS_KEY: lambda config: (config.n_neurons,)}
 
 

@@ -6,6 +6,8 @@ import sys
 COMMANDS = {
     "train": ("bdh_mlx.train", "train a model (or resume a run)"),
     "generate": ("bdh_mlx.generate", "generate text from a checkpoint"),
+    "finetune": ("bdh_mlx.finetune", "fine-tune a checkpoint on instruction/response pairs"),
+    "chat": ("bdh_mlx.chat", "chat with a fine-tuned checkpoint (one message per line)"),
     "eval": ("bdh_mlx.evaluate", "validation loss and bits per byte of a checkpoint"),
     "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
     "quantize": ("bdh_mlx.quantize", "quantize a checkpoint to 4 or 8 bits"),

@@ -31,6 +31,11 @@ def next_byte_loss(model: BDH, batch) -> mx.array:
     return model(batch[:, :-1], batch[:, 1:])[1]
 
 
+def next_byte_inputs(batch: np.ndarray) -> np.ndarray:
+    """The model's input bytes of a (B, T + 1) batch: all but the last."""
+    return batch[:, :-1]
+
+
 def _rows(batch: np.ndarray, group):
     """This process's equal share of the rows of ``batch`` (all of them without a group)."""
     if group is None:
@@ -57,20 +62,23 @@ def evaluate_loss(model: BDH, batches: np.ndarray, loss=next_byte_loss, group=No
     return mean, mean / math.log(2)
 
 
-def activation_sparsity(model: BDH, batch: np.ndarray, group=None) -> tuple:
-    """Per layer, the fraction of non-zero entries of x and of y on one batch (B, T + 1), dropout off."""
+def activation_sparsity(model: BDH, batch: np.ndarray, group=None, inputs=next_byte_inputs) -> tuple:
+    """Per layer, the fraction of non-zero entries of x and of y on one batch, dropout off.
+
+    ``inputs(batch)`` gives the (B, T) token ids of a batch (default: a (B, T + 1) batch of bytes).
+    """
     activations = []
     with eval_mode(model):
-        model(mx.array(_rows(batch, group)[:, :-1], dtype=mx.int32), activations=activations)
+        model(mx.array(inputs(_rows(batch, group)), dtype=mx.int32), activations=activations)
     x = _mean_over(mx.stack([mx.mean(a["x"] > 0) for a in activations]), group)
     y = _mean_over(mx.stack([mx.mean(a["y"] > 0) for a in activations]), group)
     return x.tolist(), y.tolist()
 
 
-def evaluate(model: BDH, batches: np.ndarray, group=None, loss=next_byte_loss) -> dict:
-    """Validation loss, bits per byte and per-layer sparsity of x and y."""
+def evaluate(model: BDH, batches: np.ndarray, group=None, loss=next_byte_loss, inputs=next_byte_inputs) -> dict:
+    """Validation loss, bits per byte and per-layer sparsity of x and y (``inputs``: see ``activation_sparsity``)."""
     val_loss, bpb = evaluate_loss(model, batches, loss, group)
-    sparsity_x, sparsity_y = activation_sparsity(model, batches[0], group)
+    sparsity_x, sparsity_y = activation_sparsity(model, batches[0], group, inputs)
     return {"val_loss": val_loss, "val_bpb": bpb, "sparsity_x": sparsity_x, "sparsity_y": sparsity_y}
 
 

@@ -31,6 +31,7 @@ from .checkpoint import load
 from .errors import BDHError
 from .model import BDH
 from .sample_utils import make_logits_processors, make_sampler
+from .template import apply_template, end_of_response
 from .utils import COMPUTE_DTYPES, eval_mode
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -286,18 +287,13 @@ def build_parser():
     )
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT",
                    help="checkpoint: .npz path or Hub repo id org/name[@revision]; --model is the mlx-lm spelling")
-    p.add_argument("--prompt", "-p", required=True, help="text to continue; '-' reads standard input")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", "-p", help="text to continue; '-' reads standard input")
+    text.add_argument("--instruction", help="an instruction for a fine-tuned model: wrapped in its prompt template, "
+                      "generation stops at its end-of-response marker")
+    p.add_argument("--input", help="with --instruction: the input (context) of the instruction")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=256, help="bytes to generate")
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--temperature", "--temp", type=non_negative_float, default=1.0, help="0 is greedy")
-    sampling.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
-    sampling.add_argument("--top-p", type=number_in(0, 1, lo_open=True), default=1.0,
-                          help="nucleus sampling, in (0, 1] (1: off)")
-    sampling.add_argument("--min-p", type=number_in(0, 1), default=0.0, help="min-p sampling, in [0, 1] (0: off)")
-    sampling.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (off if not given)")
-    sampling.add_argument("--repetition-context-size", type=positive_int, default=20,
-                          help="bytes the repetition penalty looks back")
-    sampling.add_argument("--seed", type=seed_int, default=None, help="seed for reproducible sampling")
+    add_sampling_arguments(p)
     p.add_argument("--stop", action="append", default=[], help="stop before this string (not printed); repeatable")
     add_dtype_argument(p)
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt bytes per step")
@@ -307,15 +303,46 @@ def build_parser():
     return p
 
 
+def add_sampling_arguments(p, temperature: float = 1.0):
+    """Temperature, top-k/p, min-p, repetition penalty and seed (``generate`` and ``chat``)."""
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--temperature", "--temp", type=non_negative_float, default=temperature, help="0 is greedy")
+    sampling.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
+    sampling.add_argument("--top-p", type=number_in(0, 1, lo_open=True), default=1.0,
+                          help="nucleus sampling, in (0, 1] (1: off)")
+    sampling.add_argument("--min-p", type=number_in(0, 1), default=0.0, help="min-p sampling, in [0, 1] (0: off)")
+    sampling.add_argument("--repetition-penalty", type=positive_float, default=None, help="e.g. 1.1 (off if not given)")
+    sampling.add_argument("--repetition-context-size", type=positive_int, default=20,
+                          help="bytes the repetition penalty looks back")
+    sampling.add_argument("--seed", type=seed_int, default=None, help="seed for reproducible sampling")
+
+
+def sampling_options(args) -> dict:
+    """The ``sampler`` and ``logits_processors`` the sampling arguments describe."""
+    return {
+        "sampler": make_sampler(args.temperature, args.top_p, args.min_p, args.top_k),
+        "logits_processors": make_logits_processors(args.repetition_penalty, args.repetition_context_size),
+    }
+
+
 def run(args):
     """Prefill the prompt, save the state if asked, then decode: prompt and text to stdout, statistics to stderr."""
-    prompt = sys.stdin.buffer.read() if args.prompt == "-" else args.prompt.encode("utf-8", errors="surrogateescape")
+    if args.input is not None and args.instruction is None:
+        raise BDHError("--input goes with --instruction")
     model = load(args.checkpoint)
+    if args.instruction is not None:  # a fine-tuned model: its own template, up to its end-of-response marker
+        prompt = apply_template(model, args.instruction, args.input).encode("utf-8", errors="surrogateescape")
+        args.stop = [*args.stop, end_of_response(model)]
+    elif args.prompt == "-":
+        prompt = sys.stdin.buffer.read()
+    else:
+        prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     tokens = encode_prompt(prompt, model.config.vocab_size)
     model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
-    sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
-    sys.stdout.flush()
+    if args.instruction is None:  # an instruction's answer is printed alone
+        sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
+        sys.stdout.flush()
     with eval_mode(model):
         logits = prefill(model, mx.array([tokens]), cache, args.prefill_chunk)
     if args.save_cache is not None:
@@ -325,8 +352,7 @@ def run(args):
         tokens,
         max_tokens=args.max_tokens,
         verbose=True,
-        sampler=make_sampler(args.temperature, args.top_p, args.min_p, args.top_k),
-        logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
+        **sampling_options(args),
         cache=cache,
         prompt_logits=logits,
         seed=args.seed,

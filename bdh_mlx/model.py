@@ -68,6 +68,7 @@ class BDHConfig:
     attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
     chunk_size: int = 256
     quantization: dict | None = None  # {"bits", "group_size", "embedding"}: see quantize.py
+    prompt_template: dict | None = None  # set by ``bdh-mlx finetune``: see ``template.py``
 
     def __post_init__(self):
         for name, limit in SIZE_LIMITS.items():
@@ -93,6 +94,13 @@ class BDHConfig:
                 f"the config has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
             )
         self.quantization = check_quantization(self.quantization, self.n_embd, self.n_neurons)
+        if self.prompt_template is not None:
+            keys = ("prompt", "prompt_input", "end")
+            if not isinstance(self.prompt_template, dict) or not all(
+                isinstance(self.prompt_template.get(k), str) for k in keys
+            ):
+                raise ConfigError(f"prompt_template must map {', '.join(keys)} to strings, "
+                                  f"got {self.prompt_template!r}")
 
     @property
     def n_neurons(self) -> int:

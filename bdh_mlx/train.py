@@ -39,7 +39,7 @@ from .arguments import (
 )
 from .data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
 from .errors import BDHError, ConfigError
-from .evaluate import add_eval_arguments, evaluate, next_byte_loss
+from .evaluate import add_eval_arguments, evaluate, next_byte_inputs, next_byte_loss
 from .model import ATTENTION_FORMS, BDH, PRESETS, BDHConfig
 from .run_folder import RunFolder
 from .utils import COMPUTE_DTYPES, eval_mode
@@ -270,7 +270,7 @@ def parse_args(argv=None, build=build_parser):
 def check_args(args):
     """Refuse, before anything is written, options that can never work."""
     make_schedule(args)  # warm-up against the decay
-    if args.sample_tokens and not args.sample_prompt:
+    if args.sample_tokens and args.sample_prompt == "":  # None: the command picks one (finetune)
         raise ConfigError("--sample-prompt is empty; give at least one character (or --sample-tokens 0)")
 
 
@@ -403,12 +403,11 @@ class StopFlag:
     one stops the process at once without saving (every checkpoint on disk stays intact).
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, prog: str = PROG):
+        self.requested, self.prog = False, prog
 
-    @staticmethod
-    def say(text):
-        tqdm.write(f"{PROG}: {text}", file=sys.stderr)
+    def say(self, text):
+        tqdm.write(f"{self.prog}: {text}", file=sys.stderr)
 
     def __enter__(self):
         self._read, self._write = socket.socketpair()
@@ -466,13 +465,14 @@ class LossMeter:
 class Trainer:
     """One run: the model, optimizer, data and run folder, and one method each to step, evaluate, save and log.
 
-    ``loss`` and ``sampler`` are what a run trains on (``bdh-mlx finetune`` passes its own).
+    ``loss``, ``inputs`` (the token ids of a batch, for the sparsity) and ``sampler`` are what a run trains on,
+    ``prog`` the command that runs it (``bdh-mlx finetune`` passes its own).
     """
 
     def __init__(self, args, run: RunFolder, resume_state, model: BDH, sampler, val_batches, loss=loss_fn,
-                 source: str = ""):
+                 source: str = "", inputs=next_byte_inputs, prog: str = PROG):
         self.args, self.run, self.model, self.sampler, self.val_batches = args, run, model, sampler, val_batches
-        self.loss = loss
+        self.loss, self.inputs, self.prog = loss, inputs, prog
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
         self.writer = self.rank == 0
@@ -516,7 +516,8 @@ class Trainer:
         mx.eval(self.state, self.meter.total, self.grad_norm)
 
     def evaluate(self, step: int) -> dict:
-        record = evaluate(self.model, self.val_batches, self.group if self.world > 1 else None, self.loss)
+        record = evaluate(self.model, self.val_batches, self.group if self.world > 1 else None, self.loss,
+                          self.inputs)
         if not math.isfinite(record["val_loss"]):
             raise TrainingError(f"the validation loss became {record['val_loss']} at step {step}")
         if record["val_loss"] < self.best["val_loss"]:
@@ -553,14 +554,14 @@ class Trainer:
     def tell_the_time(self, step: int, seconds_per_step: float):
         """Once, early: the measured time per step and what the whole run will take."""
         left = (self.args.steps - step) * seconds_per_step
-        self.say(f"{PROG}: {seconds_per_step:.2f} s per step; {self.args.steps - step} steps to go: about "
+        self.say(f"{self.prog}: {seconds_per_step:.2f} s per step; {self.args.steps - step} steps to go: about "
                  f"{format_duration(left)}")
         if mx.default_device() == mx.cpu and sys.platform == "linux" and blas.load() is None:
-            self.say(f"{PROG}: MLX uses its slow reference BLAS here (about 10x slower): pip install 'bdh-mlx[cpu]' "
+            self.say(f"{self.prog}: MLX uses its slow reference BLAS here (about 10x slower): pip install 'bdh-mlx[cpu]' "
                      f"gives it OpenBLAS; bdh-mlx info shows the BLAS in use")
         if left > 86400 or (left > 3600 and mx.default_device() == mx.cpu):
-            self.say(f"{PROG}: that is long for this machine ({mx.default_device()}); consider a smaller --preset, "
-                     f"fewer --steps or a smaller --batch-size, or a GPU")
+            self.say(f"{self.prog}: that is long for this machine ({mx.default_device()}); consider a smaller "
+                     f"--preset, fewer --steps or a smaller --batch-size, or a GPU")
 
     def kept(self) -> str:
         if self.saved_step is None:
@@ -578,8 +579,8 @@ def train_loop(t: Trainer, stop: StopFlag) -> dict:
             if stop.requested:
                 if t.saved_step != step - 1:
                     t.save(step - 1, keep=False)
-                t.say(f"{PROG}: stopped at step {step - 1}; saved {t.run.path / 'last.npz'}; "
-                      f"continue with: bdh-mlx train --resume {t.run.path}")
+                t.say(f"{t.prog}: stopped at step {step - 1}; saved {t.run.path / 'last.npz'}; "
+                      f"continue with: {t.prog} --resume {t.run.path}")
                 raise KeyboardInterrupt
             t.step(step)
             t.bar.update(1)
@@ -647,8 +648,12 @@ def train(args) -> dict:
     return run_training(args, run, resume_state, model, sampler, val_batches, loss_fn, corpus.source)
 
 
-def run_training(args, run, resume_state, model, sampler, val_batches, loss, source) -> dict:
-    """Lock the folder and train: the part ``train`` and ``finetune`` share."""
+def run_training(args, run, resume_state, model, sampler, val_batches, loss, source, inputs=next_byte_inputs,
+                 prog=PROG, try_args='--prompt "The " --max-tokens 200') -> dict:
+    """Lock the folder and train: the part ``train`` and ``finetune`` share.
+
+    ``inputs`` and ``prog``: see ``Trainer``; ``try_args``: the generate options the closing lines suggest.
+    """
     writer = mx.distributed.init().rank() == 0
     if writer:
         run.lock()
@@ -657,13 +662,13 @@ def run_training(args, run, resume_state, model, sampler, val_batches, loss, sou
             run.truncate_metrics(0 if resume_state is None else resume_state["step"])
             if resume_state is None:
                 run.write_start({k: v for k, v in vars(args).items() if k not in NOT_SAVED})
-        t = Trainer(args, run, resume_state, model, sampler, val_batches, loss, source)
+        t = Trainer(args, run, resume_state, model, sampler, val_batches, loss, source, inputs, prog)
         announce(t)
         wandb = open_wandb(args)
         if wandb is not None and writer:
             t.wandb_run = wandb.init(project=args.wandb, name=run.path.name, dir=str(run.path), config=t.saved_args)
         try:
-            with StopFlag() as stop:
+            with StopFlag(prog) as stop:
                 record = train_loop(t, stop)
         except TrainingError as e:
             raise TrainingError(f"{e}; stopped, {t.kept()}") from None
@@ -672,7 +677,7 @@ def run_training(args, run, resume_state, model, sampler, val_batches, loss, sou
                 t.wandb_run.finish()
     finally:
         run.unlock()
-    summarise(t)
+    summarise(t, try_args)
     return record
 
 
@@ -682,19 +687,19 @@ def announce(t: Trainer):
     where = f"resuming at step {t.start}" if t.start else "starting"
     need = estimate_step_memory(t.model, args.batch_size // t.world, args.block_size, COMPUTE_DTYPES[args.dtype])
     processes = f", {t.world} processes" if t.world > 1 else ""
-    t.say(f"{PROG}: {where}: {config.num_parameters:,} parameters, {t.source}; {t.tokens_per_step:,} tokens "
+    t.say(f"{t.prog}: {where}: {config.num_parameters:,} parameters, {t.source}; {t.tokens_per_step:,} tokens "
           f"per step{processes}, about {need / 2**30:.2f} GiB per step; run folder {t.run.path}")
 
 
-def summarise(t: Trainer):
+def summarise(t: Trainer, try_args: str):
     """The closing lines: time, best validation loss, where the checkpoints are, what to run next."""
     if t.best["step"] is None:
         return
     best = t.run.path / "best.npz"
-    t.say(f"{PROG}: done: {t.args.steps} steps in {format_duration(t.elapsed())}; best val loss "
+    t.say(f"{t.prog}: done: {t.args.steps} steps in {format_duration(t.elapsed())}; best val loss "
           f"{t.best['val_loss']:.4f} ({t.best['val_loss'] / math.log(2):.4f} bits/byte) at step {t.best['step']}\n"
           f"  checkpoints: {best}, {t.run.path / 'last.npz'}\n"
-          f"  try: bdh-mlx generate --checkpoint {best} --prompt \"The \" --max-tokens 200")
+          f"  try: bdh-mlx generate --checkpoint {best} {try_args}")
 
 
 def main(argv=None) -> int:
