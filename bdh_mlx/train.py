@@ -557,8 +557,8 @@ class Trainer:
         self.say(f"{self.prog}: {seconds_per_step:.2f} s per step; {self.args.steps - step} steps to go: about "
                  f"{format_duration(left)}")
         if mx.default_device() == mx.cpu and sys.platform == "linux" and blas.load() is None:
-            self.say(f"{self.prog}: MLX uses its slow reference BLAS here (about 10x slower): pip install 'bdh-mlx[cpu]' "
-                     f"gives it OpenBLAS; bdh-mlx info shows the BLAS in use")
+            self.say(f"{self.prog}: MLX uses its slow reference BLAS here (about 10x slower): "
+                     f"pip install 'bdh-mlx[cpu]' gives it OpenBLAS; bdh-mlx info shows the BLAS in use")
         if left > 86400 or (left > 3600 and mx.default_device() == mx.cpu):
             self.say(f"{self.prog}: that is long for this machine ({mx.default_device()}); consider a smaller "
                      f"--preset, fewer --steps or a smaller --batch-size, or a GPU")
