@@ -21,6 +21,7 @@ Recomputation is one full forward pass over context + 1 tokens (the model's own 
 import argparse
 import time
 
+# isort: split
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten

@@ -10,6 +10,7 @@ side by side, with the loss difference between forms. A run whose estimated peak
 import argparse
 import time
 
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 

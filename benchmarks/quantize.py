@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: split
 import mlx.core as mx
 
 from bdh_mlx import BDH, BDHConfig, evaluate, load, quantize, save

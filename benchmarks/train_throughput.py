@@ -9,6 +9,7 @@ The eager step is what a straightforward port does: ``value_and_grad``, ``optimi
 import argparse
 import time
 
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

@@ -7,11 +7,15 @@ saved to disk, loaded back, and continued two ways from the same point with ``ca
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
+import bdh_mlx  # first: on Linux it gives MLX the fast BLAS before mlx.core is imported
+
+# isort: split
 import mlx.core as mx
 
-import bdh_mlx
 from bdh_mlx import BDHCache
 from bdh_mlx.generate import generate, prefill
 from bdh_mlx.sample_utils import make_sampler
@@ -19,10 +23,14 @@ from bdh_mlx.sample_utils import make_sampler
 CONTEXT = "A dragon hatchling learns to read one byte at a time. " * 40
 
 
+OUT = Path(tempfile.gettempdir()) / "bdh-mlx-examples"  # never the repository
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--cache-file", default="context_cache.npz")
+    parser.add_argument("--cache-file", default=str(OUT / "context_cache.npz"),
+                        help="where to save the prompt cache (default: a folder under the temporary directory)")
     parser.add_argument("--max-tokens", type=int, default=80)
     args = parser.parse_args()
 

@@ -7,10 +7,15 @@ and prints the mean fractions (the paper reports about 5% for x in trained model
 """
 
 import argparse
+import tempfile
+from pathlib import Path
 
+import bdh_mlx  # first: on Linux it gives MLX the fast BLAS before mlx.core is imported
+
+# isort: split
 import mlx.core as mx
 
-import bdh_mlx
+OUT = Path(tempfile.gettempdir()) / "bdh-mlx-examples"  # never the repository
 
 
 def activity(model, text: str):
@@ -28,7 +33,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--text", default="The Dragon Hatchling learns from bytes, one at a time.")
-    parser.add_argument("--out", default="sparsity_map.png")
+    parser.add_argument("--out", default=str(OUT / "sparsity_map.png"),
+                        help="PNG to write (default: a folder under the temporary directory)")
     args = parser.parse_args()
 
     model = bdh_mlx.load(args.checkpoint)
@@ -51,6 +57,7 @@ def main():
     axes[1].set_xticks(range(len(labels)), labels, fontsize=7)
     fig.suptitle("BDH neuron activity per byte")
     fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 
