@@ -19,10 +19,7 @@ RUNS = {"tiny": (300, 16, 128), "small": (500, 8, 256), "25m": (3000, 32, 512), 
 
 CHILD = """
 import json, sys, time
-import bdh_mlx
 import bdh_mlx  # first: on Linux it gives MLX the fast BLAS before mlx.core is imported
-
-# isort: split
 import mlx.core as mx, mlx.optimizers as optim
 from bdh_mlx import BDH, BDHConfig
 from bdh_mlx.train import estimate_step_memory, make_train_step
