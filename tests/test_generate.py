@@ -271,3 +271,24 @@ def test_cli_save_cache_on_a_full_disk(ckpt, capsys, tmp_path, monkeypatch):
     assert err == f"bdh-mlx generate: error: {target}: No space left on device\n"
     assert target.read_bytes() == b"the previous cache"  # the old file is untouched, no temporary file is left
     assert [p.name for p in tmp_path.iterdir()] == ["cache.npz"]
+
+
+def test_mlx_lm_spellings(model, ckpt, capsys):
+    """--model, -p, -m and --temp are the mlx-lm names of --checkpoint, --prompt, --max-tokens, --temperature."""
+    long = run_cli(["--checkpoint", str(ckpt), "--prompt", "On", "--max-tokens", "9", "--temperature", "0.7",
+                    "--seed", "3"], capsys)
+    short = run_cli(["--model", str(ckpt), "-p", "On", "-m", "9", "--temp", "0.7", "--seed", "3"], capsys)
+    assert short[:2] == long[:2] and long[0] == 0
+    assert short[1] == "On" + generate(model, "On", max_tokens=9, temperature=0.7, seed=3) + "\n"
+
+
+def test_sampling_keywords_equal_a_sampler(model):
+    from bdh_mlx import generate as top_level_generate
+
+    assert top_level_generate is generate  # the function, not the module
+    by_keywords = generate(model, "On", max_tokens=20, temperature=0.9, top_k=5, top_p=0.9, min_p=0.05, seed=1)
+    sampler = make_sampler(temperature=0.9, top_p=0.9, min_p=0.05, top_k=5)
+    assert by_keywords == generate(model, "On", max_tokens=20, sampler=sampler, seed=1)
+    assert by_keywords != generate(model, "On", max_tokens=20, temperature=0.9, seed=1)
+    with pytest.raises(BDHError, match="give either sampler or temperature, not both"):
+        generate(model, "On", sampler=sampler, temperature=0.5)
