@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import FP32_TOL, assert_close
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
@@ -19,14 +20,7 @@ from bdh_mlx.model import (
     sparse_attention_step,
 )
 
-TOL = 1e-4
-
-
-def assert_close(got, want, what, tol=TOL):
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    diff = float(np.abs(got - want).max())
-    assert np.allclose(got, want, atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"
+TOL = FP32_TOL
 
 
 def reference_attention(qr, v):

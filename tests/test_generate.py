@@ -9,6 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FP32_TOL, assert_close
 
 from bdh_mlx import BDHError, checkpoint
 from bdh_mlx.generate import (
@@ -23,7 +24,7 @@ from bdh_mlx.generate import (
 from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.sample_utils import make_logits_processors, make_sampler
 
-TOL = 1e-4
+TOL = FP32_TOL
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,10 @@ def test_chunked_prefill_equals_token_by_token(model):
     for t in range(idx.shape[1]):
         want, _ = model(idx[:, t : t + 1], cache=stepped)
     model.train()
-    np.testing.assert_allclose(np.array(got), np.array(want[:, -1]), atol=TOL, rtol=TOL)
+    assert_close(got, want[:, -1], "last logits of the chunked prefill")
     assert chunked.offset.tolist() == stepped.offset.tolist() == [45]
     for a, b in zip(chunked.states, stepped.states, strict=True):
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=TOL, rtol=TOL)
+        assert_close(a, b, "cache state")
 
 
 def test_utf8_split_across_tokens_and_invalid_bytes(model):
