@@ -507,7 +507,8 @@ class Trainer:
         if self.writer:
             tqdm.write(text, file=sys.stderr)
 
-    def step(self, step: int):
+    def step(self):
+        """One optimizer step on this process's share of the next global batch."""
         batches = self.sampler.sample(self.args.grad_accum)
         rows = batches.shape[1] // self.world
         local = batches[:, self.rank * rows : (self.rank + 1) * rows]
@@ -582,7 +583,7 @@ def train_loop(t: Trainer, stop: StopFlag) -> dict:
                 t.say(f"{t.prog}: stopped at step {step - 1}; saved {t.run.path / 'last.npz'}; "
                       f"continue with: {t.prog} --resume {t.run.path}")
                 raise KeyboardInterrupt
-            t.step(step)
+            t.step()
             t.bar.update(1)
             if step == t.start + 1:
                 timed = (step, time.perf_counter())  # the first step compiles: time from the end of it
