@@ -22,7 +22,9 @@ SMALL_ENTRY_BYTES = NPY_PREFIX_MAX + NPY_HEADER_MAX + 8  # a .npy header and one
 # Arrays a checkpoint may hold besides the weights: name -> shape for a config. Absent ones are fine.
 # Per-neuron RoPE frequencies (N,), stored only when they are not rope_frequencies(N): merged models.
 ROPE_FREQS_KEY = "rope_freqs"
-NESTED_FIELDS = {"quantization", "prompt_template"}  # config fields that hold a small mapping (checked by BDHConfig)
+# Config fields added after format 1's first release: optional (None when absent), each a small mapping that
+# BDHConfig checks. Every other field must be stored.
+NESTED_FIELDS = {"quantization", "prompt_template"}
 OPTIONAL_KEYS = {ROPE_FREQS_KEY: lambda config: (config.n_neurons,)}
 
 
@@ -116,7 +118,7 @@ def read_config(source, raw: np.ndarray, overrides: dict) -> BDHConfig:
         raise CheckpointError(f"{source}: unreadable config ({e})") from None
     if not isinstance(stored, dict):
         raise CheckpointError(f"{source}: unreadable config (a JSON {type(stored).__name__}, not an object)")
-    missing = [f.name for f in fields(BDHConfig) if f.name not in stored]
+    missing = [f.name for f in fields(BDHConfig) if f.name not in stored and f.name not in NESTED_FIELDS]
     if missing:
         raise CheckpointError(f"{source}: invalid config: missing {', '.join(missing)}")
     nested = [key for key, value in stored.items() if isinstance(value, (dict, list)) and key not in NESTED_FIELDS]

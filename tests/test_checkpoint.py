@@ -142,3 +142,16 @@ def test_load_returns_an_eval_mode_model(saved):
     assert model.training is False
     idx = mx.array([[1, 2, 3, 4]])
     assert np.array_equal(np.array(model(idx)[0]), np.array(model(idx)[0]))
+
+
+def test_checkpoints_of_the_first_release_still_load(tmp_path):
+    """Format 1 as first released: no quantization or prompt_template in its config."""
+    model = BDH(BDHConfig.from_preset("tiny"))
+    first_release = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization", "prompt_template")}
+    arrays = {**model_weights(model), CONFIG_KEY: np.frombuffer(json.dumps(first_release).encode(), dtype=np.uint8),
+              FORMAT_KEY: np.array(1, dtype=np.int32)}
+    np.savez(tmp_path / "old.npz", **arrays)
+    loaded = bdh_mlx.load(tmp_path / "old.npz")
+    assert loaded.config == model.config and loaded.config.quantization is None
+    idx = mx.array([[1, 2, 3]])
+    assert np.array_equal(np.array(loaded(idx)[0]), np.array(model.eval()(idx)[0]))
