@@ -2,7 +2,7 @@
 
     python benchmarks/generate_speed.py [--preset 25m] [--contexts 256 1024 4096 16384] [--tokens 16]
     python benchmarks/generate_speed.py --contexts 256 --densities 0.025 0.05 0.1 0.25 --recompute-max 0
-    python benchmarks/generate_speed.py --sparsity-of /work/models/small-pydoc/best.npz --contexts 256
+    python benchmarks/generate_speed.py --sparsity-of checkpoints_mlx/small-pydoc/best.npz --contexts 256
 
 Decoding is timed with the dense step and with the sparse step (only the state rows where the rotated
 x is non-zero), side by side. "GB/s" is the memory a step must move (the layer's weights read by each of

@@ -1,6 +1,6 @@
 """fp32 against 8-bit and 4-bit weights: bits per byte on held-out text, file size, peak memory, decode speed.
 
-    python benchmarks/quantize.py [--checkpoint /work/models/small-pydoc/best.npz] [--group-size 64]
+    python benchmarks/quantize.py [--checkpoint checkpoints_mlx/small-pydoc/best.npz] [--group-size 64]
     python benchmarks/quantize.py --preset 25m --eval-batches 0     # speed and size only (random weights)
 
 Bits per byte: ``bdh-mlx eval``'s validation set (the default corpus's held-out 10%, the same fixed
@@ -38,7 +38,7 @@ def decode_ms_per_byte(model, n_tokens):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="/work/models/small-pydoc/best.npz", help="a float checkpoint")
+    p.add_argument("--checkpoint", default="checkpoints_mlx/small-pydoc/best.npz", help="a float checkpoint")
     p.add_argument("--preset", default=None, help="use a random model of this preset instead of --checkpoint")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: skip bits per byte)")

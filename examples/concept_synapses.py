@@ -1,6 +1,6 @@
 """The monosemantic-synapse experiment: synapses that grow on a concept (here: currencies), scored on held-out texts.
 
-    python examples/concept_synapses.py --checkpoint /work/models/small-pydoc/best.npz --out /tmp/bdh_synapses
+    python examples/concept_synapses.py --checkpoint checkpoints_mlx/small-pydoc/best.npz --out /tmp/bdh_synapses
 
 Prints the top synapses with their held-out selectivity (AUC: 1 = always stronger on the concept) and the
 bytes that make them grow; plots the best one along a held-out concept text.

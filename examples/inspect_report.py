@@ -1,6 +1,6 @@
 """Activation statistics (JSON) and the HTML report of a text, from Python.
 
-    python examples/inspect_report.py --checkpoint /work/models/small-pydoc/best.npz --out /tmp/bdh_inspect
+    python examples/inspect_report.py --checkpoint checkpoints_mlx/small-pydoc/best.npz --out /tmp/bdh_inspect
 
 Same as ``bdh-mlx inspect --checkpoint CKPT --text ... --json stats.json --out report.html``.
 """

@@ -1,6 +1,6 @@
 """Build a neuron atlas of a corpus, then ask it questions.
 
-    python examples/neuron_atlas.py --checkpoint /work/models/small-pydoc/best.npz --out /tmp/bdh_atlas
+    python examples/neuron_atlas.py --checkpoint checkpoints_mlx/small-pydoc/best.npz --out /tmp/bdh_atlas
 
 Reads the first --max-bytes of the built-in corpus (or --data FILE), keeps each neuron's top contexts,
 then prints the neurons whose top contexts mention --search, and the contexts of the first one.

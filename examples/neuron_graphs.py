@@ -1,6 +1,6 @@
 """The neuron graphs G_x = D_x E of a checkpoint: degree distribution (log-log, power-law fit) and modularity.
 
-    python examples/neuron_graphs.py --checkpoint /work/models/small-pydoc/best.npz --out /tmp/bdh_graphs
+    python examples/neuron_graphs.py --checkpoint checkpoints_mlx/small-pydoc/best.npz --out /tmp/bdh_graphs
 """
 
 import argparse
