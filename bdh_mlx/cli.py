@@ -5,19 +5,19 @@ import sys
 
 COMMANDS = {
     "train": ("bdh_mlx.train", "train a model (or resume a run)"),
-    "generate": ("bdh_mlx.generate", "generate text from a checkpoint"),
     "finetune": ("bdh_mlx.finetune", "fine-tune a checkpoint on instruction/response pairs"),
+    "generate": ("bdh_mlx.generate", "generate text from a checkpoint"),
     "chat": ("bdh_mlx.chat", "chat with a fine-tuned checkpoint (one message per line)"),
     "eval": ("bdh_mlx.evaluate", "validation loss and bits per byte of a checkpoint"),
-    "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
-    "quantize": ("bdh_mlx.quantize", "quantize a checkpoint to 4 or 8 bits"),
     "plot": ("bdh_mlx.plot", "draw PNG charts of a run's metrics"),
-    "upload": ("bdh_mlx.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
-    "merge": ("bdh_mlx.merge", "merge two checkpoints by concatenating their neurons"),
     "inspect": ("bdh_mlx.interpret.cmd_inspect", "activation statistics and an HTML report of a text"),
     "neurons": ("bdh_mlx.interpret.cmd_neurons", "a neuron atlas: every neuron's firing rate and top contexts"),
     "synapses": ("bdh_mlx.interpret.cmd_synapses", "track synapses along a text, or find a concept's synapses"),
     "graphs": ("bdh_mlx.interpret.cmd_graphs", "neuron graphs: degree distribution and modularity"),
+    "merge": ("bdh_mlx.merge", "merge two checkpoints by concatenating their neurons"),
+    "quantize": ("bdh_mlx.quantize", "quantize a checkpoint to 4 or 8 bits"),
+    "upload": ("bdh_mlx.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
+    "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
     "info": ("bdh_mlx.info", "versions, device, the BLAS in use and its measured matmul speed"),
 }
 
