@@ -81,20 +81,25 @@ def test_killed_in_its_first_checkpoint_write_the_run_can_resume(tmp_path, one_g
 
 
 @pytest.mark.slow
-def test_kill_9_at_several_points_then_resume_is_exact(tmp_path, one_go, corpus_bytes):
-    corpus, out = tmp_path / "c.txt", tmp_path / "run"
+def test_kill_9_at_several_points_then_resume_is_exact(tmp_path, corpus_bytes):
+    corpus = tmp_path / "c.txt"
     corpus.write_bytes(corpus_bytes)
-    argv = [*TINY_RUN, "--data", str(corpus), "--out", str(out), "--steps", "12", "--save-every", "3",
-            "--log-every", "1", "--eval-every", "0"]
-    for kill_after in (2, 7):
-        proc = start_training(argv if kill_after == 2 else ["--resume", str(out)])
+    # Steps of about 0.1-0.5 s, so that each kill lands in the middle of the run.
+    argv = [*TINY_RUN, "--block-size", "128", "--batch-size", "32", "--data", str(corpus), "--steps", "16",
+            "--save-every", "3", "--log-every", "1", "--eval-every", "0"]
+    out, reference = tmp_path / "run", tmp_path / "one_go"
+    assert train.main([*argv, "--out", str(reference)]) == 0
+    for kill_after in (2, 8):
+        proc = start_training([*argv, "--out", str(out)] if kill_after == 2 else ["--resume", str(out)])
         deadline = time.time() + 120
         while last_logged_step(out) < kill_after and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()
         proc.wait()
+        assert last_logged_step(out) < 16
     assert train.main(["--resume", str(out)]) == 0
-    assert_same_weights(out / "last.npz", one_go / "last.npz")
+    assert_same_weights(out / "last.npz", reference / "last.npz")
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, corpus_file, monkeypatch, capsys):
