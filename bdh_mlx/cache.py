@@ -1,6 +1,7 @@
 """The recurrent state that replaces a KV cache: one (B, nh, N, D) matrix per layer."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -11,15 +12,35 @@ from .utils import NpzReader, atomic_savez
 _OFFSET_KEY = "offset"
 
 
+class LayerState(NamedTuple):
+    """One layer's attention state while decoding: ``S``, with the last ``m`` writes kept aside.
+
+    The whole state is ``S + Q^T V``: Q (B, nh, K, N) holds the rotated queries of the kept writes and
+    V (B, 1, K, D) their values, rows ``m`` and on of V being zero (see ``recurrent_attention_step``).
+    """
+
+    S: mx.array  # (B, nh, N, D), float32
+    Q: mx.array | None = None
+    V: mx.array | None = None
+    m: int = 0
+
+    def whole(self) -> mx.array:
+        """S with the kept writes added: one rank-K BLAS update, in place when nothing else holds S."""
+        if self.m == 0:
+            return self.S
+        return mx.addmm(self.S, self.Q.swapaxes(-1, -2), mx.broadcast_to(self.V, (*self.Q.shape[:3], self.V.shape[-1])))
+
+
 class BDHCache:
     """Per-layer attention states ``S`` in float32, and how many tokens each row has seen.
 
-    Its size does not grow with the text: ``n_layer * B * nh * N * D`` floats.
+    Its size does not grow with the text: ``n_layer * B * nh * N * D`` floats (and, while decoding, a few
+    kept writes per layer: ``layers``). ``states`` is always the whole state.
     MLX arrays are immutable, so ``copy()`` is cheap and branches never interfere.
     """
 
     def __init__(self, states: list, offset: mx.array):
-        self.states = states
+        self.layers = [LayerState(s) for s in states]
         self.offset = offset
 
     @classmethod
@@ -28,21 +49,34 @@ class BDHCache:
         return cls([state] * n_layer, mx.zeros((batch_size,), dtype=mx.int32))
 
     @property
+    def states(self) -> list:
+        """Each layer's whole state S (B, nh, N, D); the kept writes are added in first."""
+        self.layers = [LayerState(layer.whole()) for layer in self.layers]
+        return [layer.S for layer in self.layers]
+
+    @states.setter
+    def states(self, states: list):
+        self.layers = [LayerState(s) for s in states]
+
+    @property
     def batch_size(self) -> int:
         return self.offset.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.states) + self.offset.nbytes
+        kept = sum(a.nbytes for layer in self.layers for a in (layer.Q, layer.V) if a is not None)
+        return sum(layer.S.nbytes for layer in self.layers) + kept + self.offset.nbytes
 
     @property
     def state(self) -> list:
         """Everything the cache holds, as arrays (for ``mx.eval``)."""
-        return [*self.states, self.offset]
+        return [a for layer in self.layers for a in layer[:3] if a is not None] + [self.offset]
 
     def copy(self) -> "BDHCache":
         """An independent cache at the same point (to branch a continuation)."""
-        return BDHCache(list(self.states), self.offset)
+        other = BDHCache([], self.offset)
+        other.layers = list(self.layers)
+        return other
 
     @classmethod
     def stack(cls, caches: list) -> "BDHCache":

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import BDHCache
+from .cache import BDHCache, LayerState
 from .errors import BDHError, ConfigError
 from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
 
@@ -99,8 +99,9 @@ class BDHConfig:
             if not isinstance(self.prompt_template, dict) or not all(
                 isinstance(self.prompt_template.get(k), str) for k in keys
             ):
-                raise ConfigError(f"prompt_template must map {', '.join(keys)} to strings, "
-                                  f"got {self.prompt_template!r}")
+                raise ConfigError(
+                    f"prompt_template must map {', '.join(keys)} to strings, got {self.prompt_template!r}"
+                )
 
     @property
     def n_neurons(self) -> int:
@@ -193,44 +194,67 @@ def parallel_attention(qr, v):
     return scores @ v
 
 
-def recurrent_attention_step(qr, v, state):
+KEPT_WRITES = 16  # writes kept aside before they are added to S: see recurrent_attention_step
+
+
+def recurrent_attention_step(qr, v, state: LayerState, rows=None):
     """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32.
 
-    Memory-bound: the read is evaluated at once, so that the update, scheduled after it, is the only
-    user of the old state and MLX writes it in place (buffer donation) when nothing else holds it;
-    the update is a BLAS rank-1 ``addmm`` (multithreaded), not a broadcast product. Not traceable
-    (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
+    Memory-bound, so the writes are kept aside (``LayerState``): the whole state is S + Q^T V over the
+    last m tokens, and the read is qr S + (qr Q^T) V. Every ``KEPT_WRITES`` tokens they are added to S by
+    one rank-K BLAS update, in place when nothing else holds S. Per token S is read once, and read and
+    written once per K tokens, where a rank-1 update would read it three times and write it once.
+    ``rows`` (B, nh, R): read S only at these rows, where qr is non-zero (``firing_rows``).
+    Not traceable (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
     """
-    qr32, v32 = qr.astype(state.dtype), v.astype(state.dtype)
-    out = qr32 @ state
-    mx.eval(out)
-    return out.astype(qr.dtype), mx.addmm(state, qr32.swapaxes(-1, -2), mx.broadcast_to(v32, out.shape))
+    q, val = qr.astype(mx.float32), v.astype(mx.float32)
+    S, Q, V, m = state
+    if Q is None:
+        Q, V = mx.zeros((*q.shape[:2], KEPT_WRITES, q.shape[-1])), mx.zeros((*v.shape[:2], KEPT_WRITES, v.shape[-1]))
+    elif m == KEPT_WRITES:  # Q's rows are overwritten before they are read again; V's must be zero
+        S, V, m = state.whole(), mx.zeros_like(V), 0
+    at = mx.array([m])
+    Q = mx.slice_update(Q, q, at, axes=(2,))  # in place: the old Q has no other user
+    out = (q @ Q.swapaxes(-1, -2)) @ V  # V's row m is still zero: the token itself is excluded
+    out = out + (q @ S if rows is None else mx.take_along_axis(q, rows[..., None, :], axis=-1) @ take_rows(S, rows))
+    return out.astype(qr.dtype), LayerState(S, Q, mx.slice_update(V, val, at, axes=(2,)), m + 1)
 
 
-SPARSE_STEP_DENSITY = 0.05  # above this fraction of active rows the dense step is faster (generate_speed.py)
+def take_rows(matrix, rows):
+    """``matrix[b, h, rows[b, h]]`` as (B, nh, R, D): of a state (B, nh, N, D), or of weights (nh, N, D).
 
-
-def sparse_attention_step(qr, v, state, max_density: float = SPARSE_STEP_DENSITY):
-    """``recurrent_attention_step`` reading and writing only the rows of S where qr is non-zero.
-
-    Rows with qr = 0 add nothing to the read and nothing to the state (ReLU makes most of x zero;
-    RoPE keeps a pair zero when both of its entries are). Per (batch row, head) the k active rows are
-    gathered (k: the most active rows of any head, the others padded with zero rows), updated and
-    scattered back in place; with more than ``max_density`` of N rows active, the dense step is used.
+    One ``take`` of whole rows from the matrix seen as 2-D: contiguous copies (a ``take_along_axis`` of the
+    same rows runs about 10x slower on CPU).
     """
-    qr32 = qr.astype(state.dtype)[..., 0, :]  # (B, nh, N)
-    inactive = (qr32 == 0).astype(mx.uint8)
-    k = max(int((1 - inactive).sum(axis=-1).max().item()), 1)
-    if k > max_density * qr32.shape[-1]:
-        return recurrent_attention_step(qr, v, state)
-    rows = mx.argpartition(inactive, kth=k - 1, axis=-1)[..., :k]  # (B, nh, k): the active rows first
-    q = mx.take_along_axis(qr32, rows, axis=-1)[..., None, :]  # (B, nh, 1, k)
-    rows = rows[..., None]
-    active = mx.take_along_axis(state, rows, axis=-2)  # (B, nh, k, D)
-    out = q @ active
-    updated = mx.addmm(active, q.swapaxes(-1, -2), mx.broadcast_to(v.astype(state.dtype), out.shape))
-    mx.eval(out, updated)  # the gather is done: the scatter below may write into the state's buffer
-    return out.astype(qr.dtype), mx.put_along_axis(state, rows, updated, axis=-2)
+    B, nh, R = rows.shape
+    *_, N, D = matrix.shape
+    batch = mx.arange(B)[:, None, None] if matrix.ndim == 4 else 0
+    flat = (batch * nh + mx.arange(nh)[None, :, None]) * N + rows
+    return mx.take(matrix.reshape(-1, D), flat.reshape(-1), axis=0).reshape(B, nh, R, D)
+
+
+# Above this fraction of firing RoPE pairs the dense step is faster. Measured at 25m (generate_speed.py
+# --densities): sparse / dense time 0.57 at 5% of pairs firing, 0.62 at 10%, 0.82 at 19%, 1.09 at 27%.
+SPARSE_STEP_DENSITY = 0.2
+
+
+def firing_rows(x, max_density: float):
+    """The neurons of the RoPE pairs (2i, 2i+1) where one token's x fires, per batch row and head: (B, nh, R).
+
+    qr = R_t(x) is zero on the pairs where x is, so only these rows of S are read, and only these neurons
+    can have x y non-zero. Heads with fewer pairs are padded with silent ones (their rows add nothing),
+    to a multiple of 32 pairs.
+    None when more than ``max_density`` of the pairs fire somewhere: the dense step is then faster.
+    """
+    pairs = mx.maximum(x[..., 0, 0::2], x[..., 0, 1::2]) > 0  # (B, nh, N / 2); x >= 0
+    k = int(pairs.sum(axis=-1).max().item())
+    if k > max_density * pairs.shape[-1]:
+        return None
+    # A multiple of 32: arrays of a few sizes only, which MLX's allocator reuses (a new size each token
+    # costs fresh memory pages: measured 1.5x slower at 25m).
+    k = min(max(-(-k // 32) * 32, 1), pairs.shape[-1])
+    first = mx.argpartition((~pairs).astype(mx.uint8), kth=k - 1, axis=-1)[..., :k]  # the firing pairs first
+    return mx.stack([2 * first, 2 * first + 1], axis=-1).reshape(*first.shape[:2], 2 * k)
 
 
 def _chunk_group(q, val, state):
@@ -332,12 +356,42 @@ def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_dro
     """
     x = relu(matmul(v, encoder))  # (B, nh, T, N)
     read, state = attend(rope(x, cos, sin), v)
-    a = layer_norm(read)  # (B, nh, T, D)
+    u, y = fire(x, layer_norm(read), encoder_v, decoder, keys, p_drop)  # a = LN(read): (B, nh, T, D)
+    return u, x, y, state
+
+
+def fire(x, a, encoder_v, decoder, keys=None, p_drop=0.0):
+    """``(u before its LN, y)``: y = relu(a @ encoder_v), then the heads of x y side by side times the decoder.
+
+    decoder: (nh * N, D), or per head (..., nh, N, D). The product is the sum over heads of
+    xy_h @ decoder_h: no (B, T, nh * N) copy.
+    """
     y = relu(matmul(a, encoder_v))  # (B, nh, T, N)
     xy = x * y if keys is None else dropout(x * y, p_drop, keys)
-    # Heads side by side times the decoder = the sum over heads of xy_h @ decoder_h: no (B, T, nh * N) copy.
-    per_head = decoder if isinstance(decoder, QuantizedWeight) else decoder.reshape(x.shape[1], -1, v.shape[-1])
-    return matmul(xy, per_head).sum(axis=1, keepdims=True), x, y, state
+    per_head = decoder
+    if not isinstance(decoder, QuantizedWeight) and decoder.ndim == 2:
+        per_head = decoder.reshape(x.shape[1], -1, decoder.shape[-1])
+    return matmul(xy, per_head).sum(axis=1, keepdims=True), y
+
+
+def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_density, encoder_v_rows):
+    """``sparse_neurons`` for one token through the cache, reading only the rows of the neurons that fire.
+
+    x needs the whole encoder; then, when few RoPE pairs fire (``firing_rows``), the read of S, the
+    columns of encoder_v (as rows of ``encoder_v_rows`` (nh, N, D)) and the rows of the decoder are taken
+    at those neurons only: the same sums without their zero terms. Otherwise the dense step.
+    Returns ``(u before its LN, state)``.
+    """
+    x = relu(matmul(v, encoder))  # (B, nh, 1, N)
+    rows = firing_rows(x, max_density)
+    read, state = recurrent_attention_step(rope(x, cos, sin), v, state, rows)
+    a = layer_norm(read)
+    if rows is None:
+        return fire(x, a, encoder_v, decoder)[0], state
+    nh, N, D = encoder_v_rows.shape
+    x = mx.take_along_axis(x, rows[..., None, :], axis=-1)  # (B, nh, 1, R)
+    weights = take_rows(encoder_v_rows, rows).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), rows)
+    return fire(x, a, *weights)[0], state
 
 
 def recompute_in_backward(fn, *inputs):
@@ -391,6 +445,18 @@ class BDH(nn.Module):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = mx.float32
         self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
+        self._encoder_v_rows = (None, None)  # (encoder_v, its rows): see encoder_v_rows
+
+    def encoder_v_rows(self, dtype):
+        """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step; None
+        for quantized weights. Kept, and made again when encoder_v is replaced (by a load or a training step)."""
+        if isinstance(self.encoder_v, QuantizedWeight):
+            return None
+        made_from, rows = self._encoder_v_rows
+        if made_from is not self.encoder_v or rows.dtype != dtype:
+            rows = mx.contiguous(self.encoder_v.swapaxes(-1, -2).astype(dtype))
+            self._encoder_v_rows = (self.encoder_v, rows)
+        return rows
 
     def set_compute_dtype(self, dtype):
         """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""
@@ -415,9 +481,10 @@ class BDH(nn.Module):
     def attend(self, form: str, qr, v, state=None):
         """The attention of ``form``: ``(out, state after the last token)``; the parallel form keeps no state."""
         if form == "step":
-            return sparse_attention_step(qr, v, state, self.sparse_step_density)
+            return recurrent_attention_step(qr, v, state)
         if form == "chunked":
-            return chunked_attention(qr, v, state, self.config.chunk_size)
+            out, state = chunked_attention(qr, v, None if state is None else state.whole(), self.config.chunk_size)
+            return out, LayerState(state)
         return parallel_attention(qr, v), None
 
     def _recomputed_head(self, h, neurons, v, encoder, encoder_v, decoder, keys):
@@ -449,17 +516,23 @@ class BDH(nn.Module):
         recompute = self.training and form == "chunked" and activations is None
         weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
+        sparse_step = form == "step" and activations is None and self.sparse_step_density > 0
+        encoder_v_rows = self.encoder_v_rows(dtype) if sparse_step else None
         for layer in range(c.n_layer):
-            state = None if cache is None else cache.states[layer]
+            state = None if cache is None else cache.layers[layer]
             attend = partial(self.attend, form, state=state)
             keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout)
             if recompute:
                 u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
+            elif encoder_v_rows is not None:
+                u, cache.layers[layer] = sparse_neurons_step(
+                    v, *weights, cos, sin, state, self.sparse_step_density, encoder_v_rows
+                )
             else:
                 u, x, y, state = neurons(v, *weights, keys)
                 if cache is not None:
-                    cache.states[layer] = state
+                    cache.layers[layer] = state
                 if activations is not None:
                     activations.append({"x": x, "y": y})
             v = layer_norm(v + layer_norm(u))

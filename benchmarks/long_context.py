@@ -10,6 +10,8 @@ side by side, with the loss difference between forms. A run whose estimated peak
 import argparse
 import time
 
+import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before mlx.core is imported
+
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before mlx.core is imported
+
 # isort: split
 import mlx.core as mx
 

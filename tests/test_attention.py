@@ -1,7 +1,5 @@
 """The three forms of BDH attention (parallel, chunked, recurrent) agree, alone and inside the model."""
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -10,14 +8,17 @@ from conftest import FP32_TOL, assert_close
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
+from bdh_mlx.cache import LayerState
 from bdh_mlx.generate import prefill
 from bdh_mlx.model import (
     BDH,
+    KEPT_WRITES,
     BDHConfig,
     chunked_attention,
+    firing_rows,
     parallel_attention,
     recurrent_attention_step,
-    sparse_attention_step,
+    take_rows,
 )
 
 TOL = FP32_TOL
@@ -56,13 +57,17 @@ def test_chunked_matches_parallel(inputs, chunk_size, group):
 
 
 def test_recurrent_matches_parallel(inputs):
+    """50 tokens: three times the kept writes are added to S (at 16, 32 and 48), and the whole state is right."""
     qr, v = inputs
-    state = mx.zeros((2, 3, 16, 8))
+    assert qr.shape[-2] > 3 * KEPT_WRITES
+    state = LayerState(mx.zeros((2, 3, 16, 8)))
     outputs = []
     for t in range(qr.shape[-2]):
         out, state = recurrent_attention_step(qr[:, :, t : t + 1], v[:, :, t : t + 1], state)
         outputs.append(out)
+    assert state.m == qr.shape[-2] - 3 * KEPT_WRITES
     assert_close(mx.concatenate(outputs, axis=-2), parallel_attention(qr, v), "recurrent")
+    assert_close(state.whole(), qr.swapaxes(-1, -2) @ v, "recurrent final state")
 
 
 def test_chunked_continues_a_state(inputs):
@@ -90,6 +95,27 @@ def test_model_forms_agree_at_1030_tokens(chunk_size):
     cache = chunked.make_cache(2)
     assert_close(prefill(chunked, idx[:, :-1], cache, chunk_size=300), want[:, -2], "cached prefill")
     assert_close(chunked(idx[:, -1:], cache=cache)[0][:, 0], want[:, -1], "one step after the prefill")
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density):
+    """40 tokens one by one after a prefill (two rows, kept writes added twice): the sparse step (reading only
+    the firing neurons' rows) and the dense one give the parallel form's logits."""
+    import bdh_mlx.model as model_module
+
+    taken = []
+    monkeypatch.setattr(model_module, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))
+    idx = mx.random.randint(0, 256, (2, 50), key=mx.random.key(3))
+    model = tiny_model(attention="parallel")
+    model.sparse_step_density = density
+    cache = model.make_cache(2)
+    steps = [prefill(model, idx[:, :10], cache, chunk_size=4)[:, None]]
+    for t in range(10, idx.shape[1] - 1):
+        logits, _ = model(idx[:, t : t + 1], cache=cache)
+        mx.eval(logits, cache.state)
+        steps.append(logits)
+    assert_close(mx.concatenate(steps, axis=1), model(idx[:, :-1])[0][:, 9:], f"token by token, density {density}")
+    assert len(taken) == (39 * model.config.n_layer if density else 0)
 
 
 @pytest.mark.slow
@@ -156,35 +182,75 @@ def test_fixtures_in_uneven_cached_pieces(name):
 
 
 def step_inputs(active_per_row, N=64, D=8, seed=0):
-    """qr (B 1, nh 4, 1, N) with ``active_per_row[h]`` non-zero entries per head, v, and a random state."""
+    """x (B 1, nh 4, 1, N) with ``active_per_row[h]`` non-zero entries per head, v, and a random state."""
     rng = np.random.default_rng(seed)
-    qr = np.zeros((1, len(active_per_row), 1, N), np.float32)
+    x = np.zeros((1, len(active_per_row), 1, N), np.float32)
     for h, k in enumerate(active_per_row):
-        qr[0, h, 0, rng.choice(N, k, replace=False)] = rng.normal(size=k)
+        x[0, h, 0, rng.choice(N, k, replace=False)] = rng.random(k) + 0.1
     v = rng.normal(size=(1, 1, 1, D)).astype(np.float32)
     state = rng.normal(size=(1, len(active_per_row), N, D)).astype(np.float32)
-    return qr, v, state
+    return x, v, state
+
+
+@pytest.mark.parametrize("active", [(0, 0, 0, 0), (0, 3, 1, 256), (5, 9, 2, 7), (40, 70, 100, 90)])
+def test_firing_rows_cover_the_firing_pairs(active):
+    """Every neuron of a pair with a non-zero entry is among the rows, once; heads are padded to a common
+    multiple of 32 pairs; too many firing pairs give None."""
+    x, _, _ = step_inputs(active, N=256)
+    rows = np.array(firing_rows(mx.array(x), max_density=1.0))
+    pairs = np.maximum(x[0, :, 0, 0::2], x[0, :, 0, 1::2]) > 0
+    most = pairs.sum(axis=-1).max()
+    assert rows.shape == (1, 4, 2 * min(max(-(-most // 32) * 32, 1), 128))
+    for h in range(4):
+        assert len(set(rows[0, h])) == rows.shape[-1]
+        want = {n for i in np.flatnonzero(pairs[h]) for n in (2 * i, 2 * i + 1)}
+        assert want <= set(rows[0, h]), h
+    if most:
+        assert firing_rows(mx.array(x), max_density=(most - 0.5) / 128) is None
+        assert firing_rows(mx.array(x), max_density=(most + 0.5) / 128) is not None
+
+
+def test_take_rows_of_a_state_and_of_shared_weights():
+    rng = np.random.default_rng(1)
+    state, weights = rng.normal(size=(2, 3, 10, 4)), rng.normal(size=(3, 10, 4))
+    rows = rng.integers(0, 10, (2, 3, 5))
+    got_state, got_weights = (np.array(take_rows(mx.array(m), mx.array(rows))) for m in (state, weights))
+    for b in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(got_state[b, h], state[b, h, rows[b, h]].astype(np.float32))
+            np.testing.assert_array_equal(got_weights[b, h], weights[h, rows[b, h]].astype(np.float32))
 
 
 @pytest.mark.parametrize("active", [(0, 0, 0, 0), (0, 3, 1, 64), (5, 9, 2, 7), (64, 64, 64, 64)])
-def test_sparse_step_equals_the_dense_step(active):
-    """All-zero rows, fully dense rows and mixed: the read and the new state of out = qr S, S + qr^T v."""
-    qr, v, state = step_inputs(active)
-    want_out, want_state = qr @ state, state + qr.swapaxes(-1, -2) * v  # numpy, float32
-    for step in (recurrent_attention_step, partial(sparse_attention_step, max_density=1.0)):
-        out, new_state = step(mx.array(qr), mx.array(v), mx.array(state))
+@pytest.mark.parametrize("kept", [0, 5, KEPT_WRITES])
+def test_step_read_at_firing_rows_equals_the_dense_step(active, kept):
+    """All-zero rows, fully dense rows and mixed, with writes kept aside (or about to be added to S)."""
+    x, v, state = step_inputs(active)
+    rng = np.random.default_rng(2)
+    Q, V = rng.normal(size=(1, 4, KEPT_WRITES, 64)), np.zeros((1, 1, KEPT_WRITES, 8))
+    V[:, :, :kept] = rng.normal(size=(1, 1, kept, 8))
+    whole = state + Q.swapaxes(-1, -2) @ V
+    qr = mx.array(x) * 0.7  # zero where x is: the firing rows are where qr is non-zero
+    want_out, want_state = np.array(qr) @ whole, whole + np.array(qr).swapaxes(-1, -2) * v
+    layer = LayerState(*(mx.array(a, dtype=mx.float32) for a in (state, Q, V)), kept)
+    for rows in (None, firing_rows(mx.array(x), max_density=1.0)):
+        out, new = recurrent_attention_step(qr, mx.array(v), layer, rows)
         np.testing.assert_allclose(np.array(out), want_out, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(np.array(new_state), want_state, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.array(new.whole()), want_state, atol=1e-5, rtol=1e-5)
+        assert new.m == kept % KEPT_WRITES + 1
 
 
-def test_decoding_steps_update_the_state_in_place():
-    """Once the cache lets go of the old state, the step writes into its buffer: no second state in memory."""
-    qr, v, state = step_inputs((3, 0, 5, 1), N=4096, D=64)  # a 4 MB state
-    for step in (recurrent_attention_step, sparse_attention_step):
-        s = mx.array(state)
-        mx.eval(s)
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        out, s = step(mx.array(qr), mx.array(v), s)
-        mx.eval(out, s)
-        assert mx.get_peak_memory() - before < state.nbytes / 2, step.__name__
+def test_decoding_steps_add_kept_writes_in_place():
+    """Once the cache lets go of the old state, adding the kept writes writes into its buffer."""
+    _, v, state = step_inputs((3, 0, 5, 1), N=4096, D=64)  # a 4 MB state
+    qr = mx.random.normal((1, 4, 1, 4096))
+    layer = LayerState(mx.array(state), None, None, 0)
+    for _ in range(KEPT_WRITES):
+        out, layer = recurrent_attention_step(qr, mx.array(v), layer)
+    mx.eval(out, layer)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out, layer = recurrent_attention_step(qr, mx.array(v), layer)  # adds the 16 kept writes to S
+    assert layer.m == 1
+    mx.eval(out, layer)
+    assert mx.get_peak_memory() - before < state.nbytes / 2
