@@ -139,7 +139,8 @@ def torch_bdh(config):
             self.drop = nn.Dropout(config.dropout)
             self.lm_head = nn.Parameter(torch.randn(D, V) * 0.02)
 
-        def forward(self, idx, targets):
+        def forward(self, idx, targets=None):
+            """The loss against ``targets``, or the logits (B, T, V) without them."""
             B, T = idx.size()
             v = self.ln(self.embed(idx).unsqueeze(1))
             for _ in range(config.n_layer):
@@ -150,6 +151,8 @@ def torch_bdh(config):
                 u = self.ln(xy.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder)
                 v = self.ln(v + u)
             logits = v.view(B, T, D) @ self.lm_head
+            if targets is None:
+                return logits
             return F.cross_entropy(logits.view(-1, V), targets.reshape(-1))
 
     return BDH()

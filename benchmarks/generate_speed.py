@@ -15,7 +15,9 @@ of active RoPE pairs, the rows the sparse step touches) per layer of a trained c
 The context is built once, by chunked prefill through the cache, growing from one length to the
 next; decoding is timed only after each prefill (``generate_step`` from a copy of the cache).
 Recomputation is one full forward pass over context + 1 tokens (the model's own attention form,
-``auto``), timed up to ``--recompute-max``.
+``auto``), timed up to ``--recompute-max``. "official" is how the official code generates: the same full
+forward pass in eager PyTorch (no grad, dense T x T attention), with this model's weights, timed up to
+``--official-max`` (needs ``pip install torch==2.13.0``; the model is ``blas.py``'s, written from the spec).
 """
 
 import argparse
@@ -112,6 +114,33 @@ def recompute_seconds(model, idx):
     return time.perf_counter() - tic
 
 
+def official_decoder(model):
+    """A function timing the official way to get the next token (``(idx) -> seconds``), with this model's weights."""
+    import torch
+    from blas import torch_bdh
+
+    torch.manual_seed(0)
+    official = torch_bdh(model.config).eval()
+    params = dict(tree_flatten(model.parameters()))
+    with torch.no_grad():
+        for name, value in params.items():
+            target = official.embed.weight if name == "embed.weight" else getattr(official, name)
+            target.copy_(torch.from_numpy(np.array(value.astype(mx.float32))))
+
+    def seconds(idx):
+        tokens = torch.from_numpy(np.array(idx).astype(np.int64))
+        with torch.no_grad():
+            tic = time.perf_counter()
+            logits = official(tokens)[:, -1]
+            elapsed = time.perf_counter() - tic
+        want = np.array(model(idx)[0][:, -1])
+        if not np.allclose(logits.numpy(), want, atol=1e-3, rtol=1e-3):
+            raise SystemExit(f"the PyTorch model's logits differ from MLX's by {np.abs(logits.numpy() - want).max()}")
+        return elapsed
+
+    return seconds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="25m")
@@ -119,6 +148,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed per context")
     p.add_argument("--repeats", type=int, default=3, help="decoding runs per context (the best is kept)")
     p.add_argument("--recompute-max", type=int, default=4096, help="longest context to time recomputation at")
+    p.add_argument("--official-max", type=int, default=1024, help="longest context to time the official code at")
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32")
     p.add_argument(
@@ -159,10 +189,10 @@ def main():
             f"{'' if density is None else ' with encoder columns zeroed'}: {np.mean(x):.1%} of x non-zero, "
             f"{np.mean(pairs):.1%} of RoPE pairs firing; device {mx.default_device()}"
         )
-        time_contexts(model, args, numpy_bw)
+        time_contexts(model, args, numpy_bw, official_decoder(model) if args.official_max > 0 else None)
 
 
-def time_contexts(model, args, numpy_bw):
+def time_contexts(model, args, numpy_bw, official):
     config = model.config
     contexts = sorted(args.contexts)
     idx = mx.random.randint(0, config.vocab_size, (1, contexts[-1] + 1), key=mx.random.key(1))
@@ -176,9 +206,11 @@ def time_contexts(model, args, numpy_bw):
         "speedup",
         "recompute ms/tok",
         "ratio",
+        "official ms/tok",
+        "ratio",
         "cache MB",
     ]
-    widths = [8, 10, 13, 7, 8, 14, 8, 17, 8, 9]
+    widths = [8, 10, 13, 7, 8, 14, 8, 17, 8, 16, 8, 9]
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     cache = model.make_cache(1)
     cached = {}
@@ -196,9 +228,15 @@ def time_contexts(model, args, numpy_bw):
             recompute_text, ratio = f"{recompute * 1e3:17.1f}", f"{recompute / dense:7.0f}x"
         else:
             recompute_text, ratio = f"{'skipped':>17}", f"{'-':>8}"
+        if official is not None and context <= args.official_max:
+            official_s = official(idx[:, : context + 1])
+            official_text = f"{official_s * 1e3:16.1f} {official_s / dense:7.0f}x"
+        else:
+            official_text = f"{'skipped':>16} {'-':>8}"
         print(
             f"{context:>8} {prefill_s:>10.1f} {dense * 1e3:>13.1f} {bandwidth:>7.1f} {bandwidth / numpy_bw:>8.0%} "
-            f"{sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x {recompute_text} {ratio} {cache.nbytes / 1e6:>9.1f}",
+            f"{sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x {recompute_text} {ratio} {official_text} "
+            f"{cache.nbytes / 1e6:>9.1f}",
             flush=True,
         )
     first, last = contexts[0], contexts[-1]

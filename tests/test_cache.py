@@ -118,3 +118,31 @@ def test_bf16_compute_keeps_the_cache_in_float32(model, idx):
     got = mx.concatenate([logits, step], axis=1)
     err = float(mx.linalg.norm(got - want) / mx.linalg.norm(want))
     assert err < 2e-2, f"bf16 logits: relative error {err:.3g}"
+
+
+def test_kept_writes_survive_copy_save_and_stack(model, idx, tmp_path):
+    """After one-token steps (writes kept aside, then added to S in place): a branch leaves the original
+    untouched, ``states`` is the whole state, and a saved and reloaded cache continues the same."""
+    cache = model.make_cache(2)
+    model(idx[:, :5], cache=cache)
+    for t in range(5, 12):  # 7 steps: 7 writes kept aside
+        model(idx[:, t : t + 1], cache=cache)
+    mx.eval(cache.state)
+    assert {layer.m for layer in cache.layers} == {7}
+    branch = cache.copy()
+    for t in range(12, 30):  # past 16 kept writes: the branch adds them to its S
+        model(idx[:, t : t + 1], cache=branch)
+    mx.eval(branch.state)
+    assert {layer.m for layer in branch.layers} == {9}
+    full = model.make_cache(2)
+    model(idx[:, :12], cache=full)
+    for a, b in zip(cache.states, full.states, strict=True):  # the branch did not write into the original
+        assert_close(a, b, "original after the branch")
+    path = tmp_path / "decoded.npz"
+    branch.save(path)
+    loaded = BDHCache.load(path, config=model.config)
+    assert loaded.offset.tolist() == [30, 30]
+    want = model(mx.concatenate([idx, idx[:, :4]], axis=1))[0][:, 30:]
+    assert_close(model(idx[:, :4], cache=loaded)[0], want, "continued from a cache saved mid-decoding")
+    rows = BDHCache.stack([BDHCache([s[i : i + 1] for s in branch.states], branch.offset[i : i + 1]) for i in (1, 0)])
+    assert_close(rows.states[0], branch.states[0][::-1], "stacked rows")
