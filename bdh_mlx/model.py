@@ -239,22 +239,28 @@ SPARSE_STEP_DENSITY = 0.2
 
 
 def firing_rows(x, max_density: float):
-    """The neurons of the RoPE pairs (2i, 2i+1) where one token's x fires, per batch row and head: (B, nh, R).
+    """Where one token's x fires, per batch row and head: ``(rows, neurons)``, each (B, nh, R), or None.
 
-    qr = R_t(x) is zero on the pairs where x is, so only these rows of S are read, and only these neurons
-    can have x y non-zero. Heads with fewer pairs are padded with silent ones (their rows add nothing),
-    to a multiple of 32 pairs.
-    None when more than ``max_density`` of the pairs fire somewhere: the dense step is then faster.
+    ``rows``: the neurons of the RoPE pairs (2i, 2i+1) with an entry of x non-zero; qr = R_t(x) is zero on
+    the other pairs, so only these rows of S are read. ``neurons``: those with x non-zero, the only ones
+    where x y can be. Heads with fewer are padded with silent ones (their terms are zero) to a multiple of
+    32, so that arrays come in a few sizes only, which MLX's allocator reuses (a new size each token costs
+    fresh memory pages: measured 1.5x slower at 25m). None when more than ``max_density`` of the pairs
+    fire somewhere: the dense step is then faster.
     """
     pairs = mx.maximum(x[..., 0, 0::2], x[..., 0, 1::2]) > 0  # (B, nh, N / 2); x >= 0
-    k = int(pairs.sum(axis=-1).max().item())
-    if k > max_density * pairs.shape[-1]:
+    fired = x[..., 0, :] > 0
+    n_pairs, n_neurons = mx.stack([pairs.sum(axis=-1).max(), fired.sum(axis=-1).max()]).tolist()
+    if n_pairs > max_density * pairs.shape[-1]:
         return None
-    # A multiple of 32: arrays of a few sizes only, which MLX's allocator reuses (a new size each token
-    # costs fresh memory pages: measured 1.5x slower at 25m).
-    k = min(max(-(-k // 32) * 32, 1), pairs.shape[-1])
-    first = mx.argpartition((~pairs).astype(mx.uint8), kth=k - 1, axis=-1)[..., :k]  # the firing pairs first
-    return mx.stack([2 * first, 2 * first + 1], axis=-1).reshape(*first.shape[:2], 2 * k)
+
+    def first(k, firing):  # indices of the firing entries first, k of them
+        k = min(max(-(-k // 32) * 32, 1), firing.shape[-1])
+        return mx.argpartition((~firing).astype(mx.uint8), kth=k - 1, axis=-1)[..., :k]
+
+    pair = first(n_pairs, pairs)
+    rows = mx.stack([2 * pair, 2 * pair + 1], axis=-1).reshape(*pair.shape[:2], -1)
+    return rows, first(n_neurons, fired)
 
 
 def _chunk_group(q, val, state):
@@ -377,20 +383,21 @@ def fire(x, a, encoder_v, decoder, keys=None, p_drop=0.0):
 def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_density, encoder_v_rows):
     """``sparse_neurons`` for one token through the cache, reading only the rows of the neurons that fire.
 
-    x needs the whole encoder; then, when few RoPE pairs fire (``firing_rows``), the read of S, the
-    columns of encoder_v (as rows of ``encoder_v_rows`` (nh, N, D)) and the rows of the decoder are taken
-    at those neurons only: the same sums without their zero terms. Otherwise the dense step.
+    x needs the whole encoder; then, when few RoPE pairs fire (``firing_rows``), S is read at the rows of
+    the firing pairs, and encoder_v (its columns, as rows of ``encoder_v_rows`` (nh, N, D)) and the
+    decoder at the firing neurons only: the same sums without their zero terms. Otherwise the dense step.
     Returns ``(u before its LN, state)``.
     """
     x = relu(matmul(v, encoder))  # (B, nh, 1, N)
-    rows = firing_rows(x, max_density)
-    read, state = recurrent_attention_step(rope(x, cos, sin), v, state, rows)
+    firing = firing_rows(x, max_density)
+    read, state = recurrent_attention_step(rope(x, cos, sin), v, state, None if firing is None else firing[0])
     a = layer_norm(read)
-    if rows is None:
+    if firing is None:
         return fire(x, a, encoder_v, decoder)[0], state
     nh, N, D = encoder_v_rows.shape
-    x = mx.take_along_axis(x, rows[..., None, :], axis=-1)  # (B, nh, 1, R)
-    weights = take_rows(encoder_v_rows, rows).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), rows)
+    neurons = firing[1]
+    x = mx.take_along_axis(x, neurons[..., None, :], axis=-1)  # (B, nh, 1, R)
+    weights = take_rows(encoder_v_rows, neurons).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), neurons)
     return fire(x, a, *weights)[0], state
 
 

@@ -193,21 +193,23 @@ def step_inputs(active_per_row, N=64, D=8, seed=0):
 
 
 @pytest.mark.parametrize("active", [(0, 0, 0, 0), (0, 3, 1, 256), (5, 9, 2, 7), (40, 70, 100, 90)])
-def test_firing_rows_cover_the_firing_pairs(active):
-    """Every neuron of a pair with a non-zero entry is among the rows, once; heads are padded to a common
-    multiple of 32 pairs; too many firing pairs give None."""
+def test_firing_rows_cover_the_firing_pairs_and_neurons(active):
+    """Every neuron of a pair with a non-zero entry is among the rows, every non-zero neuron among the
+    neurons, once; heads are padded to a common multiple of 32; too many firing pairs give None."""
     x, _, _ = step_inputs(active, N=256)
-    rows = np.array(firing_rows(mx.array(x), max_density=1.0))
+    rows, neurons = (np.array(a) for a in firing_rows(mx.array(x), max_density=1.0))
     pairs = np.maximum(x[0, :, 0, 0::2], x[0, :, 0, 1::2]) > 0
-    most = pairs.sum(axis=-1).max()
-    assert rows.shape == (1, 4, 2 * min(max(-(-most // 32) * 32, 1), 128))
+    most_pairs, most = pairs.sum(axis=-1).max(), (x > 0).sum(axis=-1).max()
+    assert rows.shape == (1, 4, 2 * min(max(-(-most_pairs // 32) * 32, 1), 128))
+    assert neurons.shape == (1, 4, min(max(-(-most // 32) * 32, 1), 256))
     for h in range(4):
-        assert len(set(rows[0, h])) == rows.shape[-1]
+        assert len(set(rows[0, h])) == rows.shape[-1] and len(set(neurons[0, h])) == neurons.shape[-1]
         want = {n for i in np.flatnonzero(pairs[h]) for n in (2 * i, 2 * i + 1)}
         assert want <= set(rows[0, h]), h
-    if most:
-        assert firing_rows(mx.array(x), max_density=(most - 0.5) / 128) is None
-        assert firing_rows(mx.array(x), max_density=(most + 0.5) / 128) is not None
+        assert set(np.flatnonzero(x[0, h, 0])) <= set(neurons[0, h]), h
+    if most_pairs:
+        assert firing_rows(mx.array(x), max_density=(most_pairs - 0.5) / 128) is None
+        assert firing_rows(mx.array(x), max_density=(most_pairs + 0.5) / 128) is not None
 
 
 def test_take_rows_of_a_state_and_of_shared_weights():
@@ -233,7 +235,7 @@ def test_step_read_at_firing_rows_equals_the_dense_step(active, kept):
     qr = mx.array(x) * 0.7  # zero where x is: the firing rows are where qr is non-zero
     want_out, want_state = np.array(qr) @ whole, whole + np.array(qr).swapaxes(-1, -2) * v
     layer = LayerState(*(mx.array(a, dtype=mx.float32) for a in (state, Q, V)), kept)
-    for rows in (None, firing_rows(mx.array(x), max_density=1.0)):
+    for rows in (None, firing_rows(mx.array(x), max_density=1.0)[0]):
         out, new = recurrent_attention_step(qr, mx.array(v), layer, rows)
         np.testing.assert_allclose(np.array(out), want_out, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(np.array(new.whole()), want_state, atol=1e-5, rtol=1e-5)
