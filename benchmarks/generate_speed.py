@@ -1,16 +1,17 @@
 """Per-token decode time with the recurrent cache against recomputing the whole prefix, by context length.
 
     python benchmarks/generate_speed.py [--preset 25m] [--contexts 256 1024 4096 16384] [--tokens 16]
-    python benchmarks/generate_speed.py --contexts 256 --densities 0.025 0.05 0.1 0.25 --recompute-max 0
+    python benchmarks/generate_speed.py --contexts 256 --densities 0.025 0.05 0.1 --recompute-max 0 --official-max 0
     python benchmarks/generate_speed.py --sparsity-of checkpoints_mlx/small-pydoc/best.npz --contexts 256
 
-Decoding is timed with the dense step and with the sparse step (only the state rows where the rotated
-x is non-zero), side by side. "GB/s" is the memory a step must move (the layer's weights read by each of
-the n_layer layers, the state read and written once) divided by its time, printed next to the machine's
-copy bandwidth (numpy and MLX copies of a 200 MB array, read + write). ``--densities``: a model of the
-preset's shape whose encoder columns are zeroed so that about that fraction of x is non-zero (random
-weights are not sparse: about half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and
-of active RoPE pairs, the rows the sparse step touches) per layer of a trained checkpoint.
+Decoding is timed with the dense step and with the sparse step (``sparse_neurons_step``: S, encoder_v and
+the decoder read only at the neurons that fire; forced here whatever the density, so the crossover shows),
+side by side. "GB/s" is the memory a step must move (the layer's weights read by each of the n_layer
+layers, the state read and written once) divided by its time, printed next to the machine's copy
+bandwidth (numpy and MLX copies of a 200 MB array, read + write). ``--densities``: a model of the preset's
+shape whose encoder columns are zeroed so that about that fraction of x is non-zero (random weights are
+not sparse: about half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and of firing
+RoPE pairs, the rows of S the sparse step reads) per layer of a trained checkpoint.
 
 The context is built once, by chunked prefill through the cache, growing from one length to the
 next; decoding is timed only after each prefill (``generate_step`` from a copy of the cache).
