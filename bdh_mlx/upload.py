@@ -83,6 +83,41 @@ def training_section(summary: dict, data: str, plots: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def usage(repo_id: str, config) -> str:
+    """How to run the model: continue text, or, for an instruction-tuned model, follow an instruction."""
+    if config.prompt_template is None:
+        return f"""```bash
+pip install bdh-mlx
+bdh-mlx generate --model {repo_id} --prompt "The " --max-tokens 200
+```
+
+```python
+from bdh_mlx import generate, load
+
+model = load("{repo_id}")
+print(generate(model, "The ", max_tokens=200))
+```
+"""
+    end = config.prompt_template["end"]
+    return f"""An instruction-tuned model (`bdh-mlx finetune`): its prompt template is stored in the checkpoint, and
+its answers end with `{end}`.
+
+```bash
+pip install bdh-mlx
+bdh-mlx generate --model {repo_id} --instruction "Name three colours."
+bdh-mlx chat --model {repo_id}      # one message per line
+```
+
+```python
+from bdh_mlx import apply_template, end_of_response, generate, load
+
+model = load("{repo_id}")
+prompt = apply_template(model, "Name three colours.")
+print(generate(model, prompt, max_tokens=200, stop=[end_of_response(model)]))
+```
+"""
+
+
 def model_card(repo_id: str, config, license: str, datasets: list, summary=None, plots=()) -> str:
     """README.md of a model repo: front matter, what the model is, how to load and generate, how it was trained."""
     data, run_datasets = training_data(summary["args"]) if summary else (None, [])
@@ -103,19 +138,7 @@ A [Baby Dragon Hatchling (BDH)]({PAPER}) language model over bytes, trained with
 
 ## Use
 
-```bash
-pip install bdh-mlx
-bdh-mlx generate --model {repo_id} --prompt "The " --max-tokens 200
-```
-
-```python
-from bdh_mlx import load
-from bdh_mlx.generate import generate
-
-model = load("{repo_id}")
-print(generate(model, "The ", max_tokens=200))
-```
-
+{usage(repo_id, config)}
 `load` and `--model` download the repo once into the Hugging Face cache; `{repo_id}@REVISION` pins a revision.
 """
     return text + ("\n" + training_section(summary, data, plots) if summary else "")

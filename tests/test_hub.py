@@ -403,3 +403,26 @@ def test_upload_errors_are_one_line(hub, hub_env, models, tmp_path, capsys):
     assert cli.main(["upload", "--checkpoint", str(path), "--repo", "org/up", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"bdh-mlx upload: error: {tmp_path}: no metrics.jsonl (is it a bdh-mlx run folder?)\n"
+
+
+@pytest.mark.parametrize("template", [None, {"prompt": "Q: {instruction}\nA: ", "prompt_input": "{input}\nQ: "
+                                              "{instruction}\nA: ", "end": "<|end|>"}])
+def test_model_card_usage_runs(tmp_path, template, capsys):
+    """The card's shell and Python usage fit the model (plain text, or instructions for a fine-tuned one),
+    and its Python block runs as written against the checkpoint."""
+    from bdh_mlx.upload import model_card
+
+    mx.random.seed(0)
+    config = BDHConfig.from_preset("tiny", prompt_template=template)
+    path = tmp_path / "model.npz"
+    checkpoint.save(BDH(config), path)
+    card = model_card("org/name", config, "mit", [])
+    if template is None:
+        assert '--prompt "The "' in card and "--instruction" not in card
+    else:
+        assert '--instruction "Name three colours."' in card and "bdh-mlx chat --model org/name" in card
+        assert "`<|end|>`" in card and "--prompt" not in card
+    python = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace('"org/name"', repr(str(path)))
+    exec(python, {})
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n") and len(printed) > 1
