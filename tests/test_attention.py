@@ -256,3 +256,20 @@ def test_decoding_steps_add_kept_writes_in_place():
     assert layer.m == 1
     mx.eval(out, layer)
     assert mx.get_peak_memory() - before < state.nbytes / 2
+
+
+def test_sparse_decoding_in_bfloat16_follows_the_dense_step():
+    """Computing in bf16, the sparse step (its encoder_v rows made in bf16) gives the dense step's logits."""
+    idx = mx.random.randint(0, 256, (1, 30), key=mx.random.key(4))
+    model = tiny_model().set_compute_dtype(mx.bfloat16)
+    logits = {}
+    for density in (0.0, 1.0):
+        model.sparse_step_density = density
+        cache = model.make_cache(1)
+        prefill(model, idx[:, :5], cache, chunk_size=8)
+        logits[density] = mx.concatenate([model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 30)], axis=1)
+    assert model.encoder_v_rows(mx.bfloat16).dtype == mx.bfloat16
+    want = np.array(tiny_model()(idx)[0][:, 5:])  # float32, parallel; logits of about 0.5
+    for density, got in logits.items():
+        np.testing.assert_allclose(np.array(got), want, atol=1e-2, err_msg=f"density {density}")
+    np.testing.assert_allclose(np.array(logits[1.0]), np.array(logits[0.0]), atol=1e-3)
