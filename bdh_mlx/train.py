@@ -378,14 +378,18 @@ def set_random_key(key: list):
 
 
 def sample_text(model: BDH, args) -> str:
-    """A short sample with dropout off; the training randomness is saved and restored around it."""
+    """A short sample with dropout off; the training randomness is saved and restored around it.
+
+    An instruction-tuned model's sample ends at its end-of-response marker, as ``chat`` would end it.
+    """
     from .generate import generate
 
+    template = model.config.prompt_template
     key = random_key()
     try:
         with eval_mode(model):
             return generate(model, args.sample_prompt, max_tokens=args.sample_tokens, temperature=0.8, top_k=50,
-                            seed=args.seed)
+                            seed=args.seed, stop=() if template is None else [template["end"]])
     finally:
         set_random_key(key)
 

@@ -198,3 +198,18 @@ def test_a_folder_gives_its_train_and_valid_files(tmp_path):
     loaded = load_examples(parse_args(["--init-from", "x", "--data", str(tmp_path)]))
     assert sorted(e.instruction for e in loaded.train) == ["p0", "p1", "p2", "p3"]
     assert loaded.val == [Example("v", "", "c")] and loaded.source == str(tmp_path)
+
+
+def test_training_samples_of_an_instruction_tuned_model_end_at_its_marker():
+    """The evaluation sample stops where the model writes its end-of-response marker, like chat."""
+    from types import SimpleNamespace
+
+    from bdh_mlx.train import sample_text
+
+    mx.random.seed(0)
+    model = BDH(BDHConfig.from_preset("tiny"))
+    args = SimpleNamespace(sample_prompt="Hello", sample_tokens=60, seed=3)
+    plain = sample_text(model, args)
+    end = plain[20:22]  # a marker the model is known to write at byte 20 (same seed, same draws)
+    model.config.prompt_template = {**ALPACA_TEMPLATE, "end": end}
+    assert sample_text(model, args) == plain[: plain.index(end)]
