@@ -424,6 +424,18 @@ def recompute_in_backward(fn, *inputs):
     return checkpointed(*inputs)
 
 
+@dataclass
+class DerivedWeight:
+    """An array made from a weight (``value``), with the weight it was made from (``source``).
+
+    A plain object, not an array, dict, list or tuple, so ``nn.Module`` keeps it out of ``model.state``:
+    it is neither saved nor traced by the compiled training step.
+    """
+
+    source: mx.array | None = None
+    value: mx.array | None = None
+
+
 class BDH(nn.Module):
     """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
 
@@ -452,18 +464,17 @@ class BDH(nn.Module):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = mx.float32
         self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
-        self._encoder_v_rows = (None, None)  # (encoder_v, its rows): see encoder_v_rows
+        self._encoder_v_rows = DerivedWeight()  # see encoder_v_rows
 
     def encoder_v_rows(self, dtype):
         """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step; None
         for quantized weights. Kept, and made again when encoder_v is replaced (by a load or a training step)."""
         if isinstance(self.encoder_v, QuantizedWeight):
             return None
-        made_from, rows = self._encoder_v_rows
-        if made_from is not self.encoder_v or rows.dtype != dtype:
-            rows = mx.contiguous(self.encoder_v.swapaxes(-1, -2).astype(dtype))
-            self._encoder_v_rows = (self.encoder_v, rows)
-        return rows
+        copy = self._encoder_v_rows
+        if copy.source is not self.encoder_v or copy.value.dtype != dtype:
+            copy.source, copy.value = self.encoder_v, mx.contiguous(self.encoder_v.swapaxes(-1, -2).astype(dtype))
+        return copy.value
 
     def set_compute_dtype(self, dtype):
         """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""

@@ -273,3 +273,21 @@ def test_sparse_decoding_in_bfloat16_follows_the_dense_step():
     for density, got in logits.items():
         np.testing.assert_allclose(np.array(got), want, atol=1e-2, err_msg=f"density {density}")
     np.testing.assert_allclose(np.array(logits[1.0]), np.array(logits[0.0]), atol=1e-3)
+
+
+def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
+    """Neither saved nor traced by the compiled training step, and made again when encoder_v changes."""
+    from mlx.utils import tree_flatten
+
+    model = tiny_model()
+    model.sparse_step_density = 1.0
+    cache = model.make_cache(1)
+    model(mx.array([[1]]), cache=cache)
+    first = model.encoder_v_rows(mx.float32)
+    assert first is model.encoder_v_rows(mx.float32)  # kept
+    names = {k for k, _ in tree_flatten(model.state)}
+    assert not any("encoder_v_rows" in n for n in names), names
+    model.encoder_v = model.encoder_v * 2
+    again = model.encoder_v_rows(mx.float32)
+    assert again is not first
+    np.testing.assert_array_equal(np.array(again), 2 * np.array(first))
