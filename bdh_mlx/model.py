@@ -234,7 +234,7 @@ def take_rows(matrix, rows):
 
 
 # Above this fraction of firing RoPE pairs the dense step is faster. Measured at 25m (generate_speed.py
-# --densities): sparse / dense time 0.57 at 5% of pairs firing, 0.62 at 10%, 0.82 at 19%, 1.09 at 27%.
+# --densities): sparse / dense time 0.40 at 5% of pairs firing, 0.53 at 10%, 0.80 at 19%, 1.07 at 27%.
 SPARSE_STEP_DENSITY = 0.2
 
 
