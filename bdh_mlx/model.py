@@ -332,14 +332,26 @@ def parallel_is_faster(T: int, N: int, D: int, chunk_size: int) -> bool:
     return T * (N + D) <= CHUNKED_FLOP_COST * (chunk_size * (N + D) + 2 * N * D)
 
 
-def dropout(x, p: float, keys):
+@dataclass(frozen=True)
+class BatchShare:
+    """A process's rows of a data-parallel batch: ``first`` .. ``first + B - 1`` of ``total``."""
+
+    first: int
+    total: int
+
+
+def dropout(x, p: float, keys, share: BatchShare | None = None):
     """Zero each entry with probability ``p`` and scale the rest by 1 / (1 - p).
 
     x: (B, nh, T, N); keys: (nh, 2), one per head, so a head's mask is the same whether its head is
-    computed alone or with the others.
+    computed alone or with the others. With ``share``, the masks of the whole batch are drawn and this
+    process's rows taken: processes drop differently, and as one process with the whole batch would.
     """
     B, _, T, N = x.shape
-    keep = mx.concatenate([mx.random.bernoulli(1 - p, (B, 1, T, N), key=k) for k in keys], axis=1)
+    first, total = (0, B) if share is None else (share.first, share.total)
+    keep = mx.concatenate(
+        [mx.random.bernoulli(1 - p, (total, 1, T, N), key=k)[first : first + B] for k in keys], axis=1
+    )
     return mx.where(keep, x * (1 / (1 - p)), 0)
 
 
@@ -353,7 +365,7 @@ def matmul(x, w):
     return w(x) if isinstance(w, QuantizedWeight) else x @ w
 
 
-def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop):
+def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop, share=None):
     """The N-wide part of a layer for the heads of ``encoder``: ``(u before its LN, x, y, attention state)``.
 
     v: (B, 1, T, D); decoder: the rows of these heads; ``keys``: their dropout keys (None: no dropout).
@@ -362,18 +374,18 @@ def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_dro
     """
     x = relu(matmul(v, encoder))  # (B, nh, T, N)
     read, state = attend(rope(x, cos, sin), v)
-    u, y = fire(x, layer_norm(read), encoder_v, decoder, keys, p_drop)  # a = LN(read): (B, nh, T, D)
+    u, y = fire(x, layer_norm(read), encoder_v, decoder, keys, p_drop, share)  # a = LN(read): (B, nh, T, D)
     return u, x, y, state
 
 
-def fire(x, a, encoder_v, decoder, keys=None, p_drop=0.0):
+def fire(x, a, encoder_v, decoder, keys=None, p_drop=0.0, share=None):
     """``(u before its LN, y)``: y = relu(a @ encoder_v), then the heads of x y side by side times the decoder.
 
     decoder: (nh * N, D), or per head (..., nh, N, D). The product is the sum over heads of
     xy_h @ decoder_h: no (B, T, nh * N) copy.
     """
     y = relu(matmul(a, encoder_v))  # (B, nh, T, N)
-    xy = x * y if keys is None else dropout(x * y, p_drop, keys)
+    xy = x * y if keys is None else dropout(x * y, p_drop, keys, share)
     per_head = decoder
     if not isinstance(decoder, QuantizedWeight) and decoder.ndim == 2:
         per_head = decoder.reshape(x.shape[1], -1, decoder.shape[-1])
@@ -465,6 +477,7 @@ class BDH(nn.Module):
         self.compute_dtype = mx.float32
         self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
         self._encoder_v_rows = DerivedWeight()  # see encoder_v_rows
+        self.batch_share: BatchShare | None = None  # data-parallel training: this process's rows (dropout)
 
     def encoder_v_rows(self, dtype):
         """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step; None
@@ -540,7 +553,7 @@ class BDH(nn.Module):
             state = None if cache is None else cache.layers[layer]
             attend = partial(self.attend, form, state=state)
             keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
-            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout)
+            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=self.batch_share)
             if recompute:
                 u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
             elif encoder_v_rows is not None:

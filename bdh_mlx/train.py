@@ -40,7 +40,7 @@ from .arguments import (
 from .data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
 from .errors import BDHError, ConfigError
 from .evaluate import add_eval_arguments, evaluate, next_byte_inputs, next_byte_loss
-from .model import ATTENTION_FORMS, BDH, PRESETS, BDHConfig
+from .model import ATTENTION_FORMS, BDH, PRESETS, BatchShare, BDHConfig
 from .run_folder import RunFolder
 from .utils import COMPUTE_DTYPES, eval_mode
 
@@ -495,6 +495,9 @@ class Trainer:
         else:
             mx.random.seed(args.seed + 1)  # dropout's stream, apart from the one that initialised the weights
         self.saved_step = self.start if resume_state is not None else None
+        if self.world > 1:  # each process's dropout masks: its rows of the masks of the whole batch
+            rows = args.batch_size // self.world
+            model.batch_share = BatchShare(self.rank * rows, args.batch_size)
         self.step_fn, self.state = make_train_step(model, self.optimizer, args.grad_accum, args.grad_clip, loss,
                                                    self.group if self.world > 1 else None)
         self.tokens_per_step = args.grad_accum * args.batch_size * args.block_size

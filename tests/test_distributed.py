@@ -56,3 +56,14 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, corpus_file)
     launch(["--resume", str(half), "--steps", "6"], tmp_path)
     assert_close_weights(half / "last.npz", two / "last.npz", tol=0)
     assert [r["train_loss"] for r in records(half)] == [r["train_loss"] for r in records(two)]
+
+
+def test_two_processes_drop_out_as_one_process_does(tmp_path, corpus_file):
+    """With dropout, each process draws its rows of the whole batch's masks: the run equals one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run = [*RUN, "--dropout", "0.2", "--data", str(corpus_file), "--steps", "3"]
+    assert train.main([*run, "--out", str(one)]) == 0
+    launch([*run, "--out", str(two)], tmp_path)
+    assert_close_weights(two / "last.npz", one / "last.npz", tol=1e-3)
+    for a, b in zip(records(two), records(one), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)

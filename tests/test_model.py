@@ -105,10 +105,19 @@ def test_dropout_zeroes_p_and_scales_the_rest():
     np.testing.assert_allclose(out[out != 0], 1 / 0.7, rtol=1e-6)
 
 
+def test_a_share_of_the_batch_drops_its_rows_of_the_whole_batch():
+    """Data-parallel processes: rows 3..5 of a batch of 8 get the masks one process with all 8 would draw."""
+    x, keys = mx.ones((8, 2, 16, 64)), random_keys(2)
+    whole = np.array(dropout(x, 0.4, keys))
+    share = np.array(dropout(x[3:6], 0.4, keys, model_module.BatchShare(3, 8)))
+    np.testing.assert_array_equal(share, whole[3:6])
+    assert not np.array_equal(np.array(dropout(x[:3], 0.4, keys)), whole[3:6])  # without it: rows 0..2's masks
+
+
 def test_the_model_drops_with_its_configured_rate(monkeypatch):
     rates = []
     real = model_module.dropout
-    monkeypatch.setattr(model_module, "dropout", lambda x, p, keys: rates.append(p) or real(x, p, keys))
+    monkeypatch.setattr(model_module, "dropout", lambda x, p, keys, share: rates.append(p) or real(x, p, keys, share))
     model = BDH(BDHConfig.from_preset("tiny", dropout=0.3)).train()
     model(tiny_batch(model.config))
     assert rates == [0.3] * model.config.n_layer
