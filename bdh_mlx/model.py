@@ -544,10 +544,10 @@ class BDH(nn.Module):
 
         form = self.attention_form(T, cache is not None)
         # Long training sequences: one head at a time, recomputed in the backward pass (memory O(T N D)).
-        recompute = self.training and form == "chunked" and activations is None
+        recompute = self.training and form == "chunked" and activations is None and cache is None
         weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
-        sparse_step = form == "step" and activations is None and self.sparse_step_density > 0
+        sparse_step = form == "step" and not self.training and activations is None and self.sparse_step_density > 0
         encoder_v_rows = self.encoder_v_rows(dtype) if sparse_step else None
         for layer in range(c.n_layer):
             state = None if cache is None else cache.layers[layer]

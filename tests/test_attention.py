@@ -291,3 +291,13 @@ def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
     again = model.encoder_v_rows(mx.float32)
     assert again is not first
     np.testing.assert_array_equal(np.array(again), 2 * np.array(first))
+
+
+def test_one_token_steps_in_training_mode_keep_dropout():
+    """The sparse step is for inference: in training mode a cached one-token step still drops out."""
+    model = tiny_model(dropout=0.5).train()
+    model.sparse_step_density = 1.0
+    cache = model.make_cache(1)
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    a, b = (model(mx.array([[4]]), cache=cache.copy())[0] for _ in range(2))
+    assert not np.array_equal(np.array(a), np.array(b))
