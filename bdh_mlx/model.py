@@ -14,6 +14,7 @@ Names here and in the official ``bdh.py``:
     u     yMLP       concat_heads(x * y) @ decoder, LN'd: (B, 1, T, D)
 """
 
+import ctypes
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -438,14 +439,30 @@ def recompute_in_backward(fn, *inputs):
 
 @dataclass
 class DerivedWeight:
-    """An array made from a weight (``value``), with the weight it was made from (``source``).
+    """An array made from a weight (``value``), valid while the weight's data is where it was then.
 
-    A plain object, not an array, dict, list or tuple, so ``nn.Module`` keeps it out of ``model.state``:
-    it is neither saved nor traced by the compiled training step.
+    ``source`` is a view of the weight: it shares its buffer, so an in-place edit of the weight
+    (``model.encoder_v[..., j] = 0``, ``+=``) cannot write into that buffer and moves the weight's data;
+    a replaced weight has other data too. A plain object, not an array, dict, list or tuple, so
+    ``nn.Module`` keeps it out of ``model.state``: it is neither saved nor traced by the training step.
     """
 
-    source: mx.array | None = None
-    value: mx.array | None = None
+    def __init__(self):
+        self.source = self.value = None
+
+    def get(self, weight, make, dtype):
+        """``make(weight)`` in ``dtype``, made again only when ``weight``'s data has moved (or for another dtype)."""
+        if self.source is None or data_address(self.source) != data_address(weight) or self.value.dtype != dtype:
+            self.source, self.value = None, None  # let go of the old ones first
+            self.source = weight.reshape(-1)
+            self.value = make(weight).astype(dtype)
+            mx.eval(self.source, self.value)
+        return self.value
+
+
+def data_address(a) -> int:
+    """Where the data of ``a`` is in memory (evaluates it)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a)))
 
 
 class BDH(nn.Module):
@@ -481,13 +498,10 @@ class BDH(nn.Module):
 
     def encoder_v_rows(self, dtype):
         """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step; None
-        for quantized weights. Kept, and made again when encoder_v is replaced (by a load or a training step)."""
+        for quantized weights. Kept, and made again when encoder_v changes (replaced, or edited in place)."""
         if isinstance(self.encoder_v, QuantizedWeight):
             return None
-        copy = self._encoder_v_rows
-        if copy.source is not self.encoder_v or copy.value.dtype != dtype:
-            copy.source, copy.value = self.encoder_v, mx.contiguous(self.encoder_v.swapaxes(-1, -2).astype(dtype))
-        return copy.value
+        return self._encoder_v_rows.get(self.encoder_v, lambda w: mx.contiguous(w.swapaxes(-1, -2)), dtype)
 
     def set_compute_dtype(self, dtype):
         """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""

@@ -276,21 +276,33 @@ def test_sparse_decoding_in_bfloat16_follows_the_dense_step():
 
 
 def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
-    """Neither saved nor traced by the compiled training step, and made again when encoder_v changes."""
+    """Neither saved nor traced by the compiled training step; made again when encoder_v is replaced or edited
+    in place (an ablation), so that sparse decoding always uses the current weights."""
     from mlx.utils import tree_flatten
 
     model = tiny_model()
     model.sparse_step_density = 1.0
-    cache = model.make_cache(1)
-    model(mx.array([[1]]), cache=cache)
+    idx = mx.random.randint(0, 256, (1, 12), key=mx.random.key(8))
+
+    def decoded():
+        cache = model.make_cache(1)
+        prefill(model, idx[:, :4], cache, chunk_size=4)
+        steps = mx.concatenate([model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 12)], axis=1)
+        assert_close(steps, model(idx)[0][:, 4:], "sparse decoding against the full forward pass")
+
+    decoded()
     first = model.encoder_v_rows(mx.float32)
     assert first is model.encoder_v_rows(mx.float32)  # kept
     names = {k for k, _ in tree_flatten(model.state)}
     assert not any("encoder_v_rows" in n for n in names), names
-    model.encoder_v = model.encoder_v * 2
-    again = model.encoder_v_rows(mx.float32)
-    assert again is not first
-    np.testing.assert_array_equal(np.array(again), 2 * np.array(first))
+    model.encoder_v = model.encoder_v * 2  # replaced
+    np.testing.assert_array_equal(np.array(model.encoder_v_rows(mx.float32)), 2 * np.array(first))
+    decoded()
+    model.encoder_v[:, :, :40] = 0  # edited in place: the same Python object
+    assert not np.array(model.encoder_v_rows(mx.float32))[:, :40].any()
+    decoded()
+    model.encoder_v += 1
+    decoded()
 
 
 def test_one_token_steps_in_training_mode_keep_dropout():
