@@ -104,7 +104,7 @@ def x_sparsity(model, text: bytes):
     """Per layer: fraction of non-zero x, and of RoPE pairs (2i, 2i+1) with an entry non-zero."""
     activations = []
     model(mx.array([list(text)]), activations=activations)
-    x = [np.array(a["x"]) != 0 for a in activations]
+    x = [np.array(a["x"] != 0) for a in activations]
     return [a.mean() for a in x], [(a[..., 0::2] | a[..., 1::2]).mean() for a in x]
 
 
