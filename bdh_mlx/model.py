@@ -397,8 +397,9 @@ def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerSt
     """``sparse_neurons`` for one token through the cache, reading only the rows of the neurons that fire.
 
     x needs the whole encoder; then, when few RoPE pairs fire (``firing_rows``), S is read at the rows of
-    the firing pairs, and encoder_v (its columns, as rows of ``encoder_v_rows`` (nh, N, D)) and the
-    decoder at the firing neurons only: the same sums without their zero terms. Otherwise the dense step.
+    the firing pairs, and encoder_v (its columns, as rows of ``encoder_v_rows()`` (nh, N, D), asked for only
+    then) and the decoder at the firing neurons only: the same sums without their zero terms. Otherwise
+    the dense step.
     Returns ``(u before its LN, state)``.
     """
     x = relu(matmul(v, encoder))  # (B, nh, 1, N)
@@ -407,10 +408,11 @@ def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerSt
     a = layer_norm(read)
     if firing is None:
         return fire(x, a, encoder_v, decoder)[0], state
-    nh, N, D = encoder_v_rows.shape
+    rows = encoder_v_rows()
+    nh, N, D = rows.shape
     neurons = firing[1]
     x = mx.take_along_axis(x, neurons[..., None, :], axis=-1)  # (B, nh, 1, R)
-    weights = take_rows(encoder_v_rows, neurons).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), neurons)
+    weights = take_rows(rows, neurons).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), neurons)
     return fire(x, a, *weights)[0], state
 
 
@@ -497,10 +499,9 @@ class BDH(nn.Module):
         self.batch_share: BatchShare | None = None  # data-parallel training: this process's rows (dropout)
 
     def encoder_v_rows(self, dtype):
-        """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step; None
-        for quantized weights. Kept, and made again when encoder_v changes (replaced, or edited in place)."""
-        if isinstance(self.encoder_v, QuantizedWeight):
-            return None
+        """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step.
+        Made the first time a token fires sparsely (a dense model never holds it), kept, and made again when
+        encoder_v changes (replaced, or edited in place)."""
         return self._encoder_v_rows.get(self.encoder_v, lambda w: mx.contiguous(w.swapaxes(-1, -2)), dtype)
 
     def set_compute_dtype(self, dtype):
@@ -561,8 +562,8 @@ class BDH(nn.Module):
         recompute = self.training and form == "chunked" and activations is None and cache is None
         weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
-        sparse_step = form == "step" and not self.training and activations is None and self.sparse_step_density > 0
-        encoder_v_rows = self.encoder_v_rows(dtype) if sparse_step else None
+        sparse_step = (form == "step" and not self.training and activations is None and self.sparse_step_density > 0
+                       and not isinstance(self.encoder_v, QuantizedWeight))
         for layer in range(c.n_layer):
             state = None if cache is None else cache.layers[layer]
             attend = partial(self.attend, form, state=state)
@@ -570,9 +571,9 @@ class BDH(nn.Module):
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=self.batch_share)
             if recompute:
                 u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
-            elif encoder_v_rows is not None:
+            elif sparse_step:
                 u, cache.layers[layer] = sparse_neurons_step(
-                    v, *weights, cos, sin, state, self.sparse_step_density, encoder_v_rows
+                    v, *weights, cos, sin, state, self.sparse_step_density, partial(self.encoder_v_rows, dtype)
                 )
             else:
                 u, x, y, state = neurons(v, *weights, keys)

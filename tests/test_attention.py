@@ -281,8 +281,10 @@ def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
     from mlx.utils import tree_flatten
 
     model = tiny_model()
-    model.sparse_step_density = 1.0
     idx = mx.random.randint(0, 256, (1, 12), key=mx.random.key(8))
+    model(idx[:, :1], cache=model.make_cache(1))  # about 75% of pairs fire: the dense step
+    assert model._encoder_v_rows.value is None  # a dense model never makes the copy
+    model.sparse_step_density = 1.0
 
     def decoded():
         cache = model.make_cache(1)
