@@ -57,6 +57,15 @@ def plot_sparsity(stats: dict):
     return fig
 
 
+def finish(fig, ax, ylabel: str, title: str):
+    """The y label, title and legend of a one-axes figure, laid out."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_synapse_series(series: np.ndarray, labels: list, text: bytes | None = None):
     """Each synapse's strength after every byte; the bytes along the x axis when the text is short."""
     plt = pyplot()
@@ -67,11 +76,7 @@ def plot_synapse_series(series: np.ndarray, labels: list, text: bytes | None = N
         ax.set_xticks(range(len(text)), [chr(b) if 32 < b < 127 else "·" for b in text], fontsize=8)
     else:
         ax.set_xlabel("byte")
-    ax.set_ylabel("sigma (i, j)")
-    ax.set_title("Synapse strength along the text")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "sigma (i, j)", "Synapse strength along the text")
 
 
 def plot_degrees(summaries: list):
@@ -90,8 +95,4 @@ def plot_degrees(summaries: list):
             ax.loglog(tail, start * (tail / fit["d_min"]) ** (1 - fit["alpha"]), "--", color=line.get_color())
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("degree d")
-    ax.set_ylabel("P(degree >= d)")
-    ax.set_title("Neuron graph degrees (dashed: power-law fit)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "P(degree >= d)", "Neuron graph degrees (dashed: power-law fit)")
