@@ -10,6 +10,7 @@ from .errors import CheckpointError
 from .utils import NpzReader, atomic_savez
 
 _OFFSET_KEY = "offset"
+KEPT_WRITES = 16  # writes kept aside while decoding before they are added to S: see model.recurrent_attention_step
 
 
 class LayerState(NamedTuple):

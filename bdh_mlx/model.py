@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import BDHCache, LayerState
+from . import cpu_step
+from .cache import KEPT_WRITES, BDHCache, LayerState
 from .errors import BDHError, ConfigError
 from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
 
@@ -193,9 +194,6 @@ def parallel_attention(qr, v):
     T = qr.shape[-2]
     scores = (qr @ qr.swapaxes(-1, -2)) * mx.tri(T, T, k=-1, dtype=qr.dtype)
     return scores @ v
-
-
-KEPT_WRITES = 16  # writes kept aside before they are added to S: see recurrent_attention_step
 
 
 def recurrent_attention_step(qr, v, state: LayerState, rows=None):
@@ -495,6 +493,7 @@ class BDH(nn.Module):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = mx.float32
         self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
+        self.cpu_kernel = True  # on the CPU in float32, decode with numpy's BLAS (cpu_step.py)
         self._encoder_v_rows = DerivedWeight()  # see encoder_v_rows
         self.batch_share: BatchShare | None = None  # data-parallel training: this process's rows (dropout)
 
@@ -562,8 +561,12 @@ class BDH(nn.Module):
         recompute = self.training and form == "chunked" and activations is None and cache is None
         weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
-        sparse_step = (form == "step" and not self.training and activations is None and self.sparse_step_density > 0
-                       and not isinstance(self.encoder_v, QuantizedWeight))
+        layer_step = None  # a one-token step for inference, or the step of ``attend``
+        if form == "step" and not self.training and activations is None:
+            if self.cpu_kernel and cpu_step.applies(weights, dtype):
+                layer_step = cpu_step.layer_step
+            elif self.sparse_step_density > 0 and not isinstance(self.encoder_v, QuantizedWeight):
+                layer_step = sparse_neurons_step
         for layer in range(c.n_layer):
             state = None if cache is None else cache.layers[layer]
             attend = partial(self.attend, form, state=state)
@@ -571,8 +574,8 @@ class BDH(nn.Module):
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=self.batch_share)
             if recompute:
                 u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
-            elif sparse_step:
-                u, cache.layers[layer] = sparse_neurons_step(
+            elif layer_step is not None:
+                u, cache.layers[layer] = layer_step(
                     v, *weights, cos, sin, state, self.sparse_step_density, partial(self.encoder_v_rows, dtype)
                 )
             else:

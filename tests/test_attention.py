@@ -97,17 +97,22 @@ def test_model_forms_agree_at_1030_tokens(chunk_size):
     assert_close(chunked(idx[:, -1:], cache=cache)[0][:, 0], want[:, -1], "one step after the prefill")
 
 
+@pytest.mark.parametrize("cpu_kernel", [False, True])
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density):
+def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density, cpu_kernel):
     """40 tokens one by one after a prefill (two rows, kept writes added twice): the sparse step (reading only
-    the firing neurons' rows) and the dense one give the parallel form's logits."""
+    the firing neurons' rows) and the dense one give the parallel form's logits, with MLX operations (the
+    step of other devices) and with the CPU kernel (numpy)."""
+    import bdh_mlx.cpu_step as cpu_step
     import bdh_mlx.model as model_module
 
     taken = []
     monkeypatch.setattr(model_module, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))
+    take = cpu_step.take_rows
+    monkeypatch.setattr(cpu_step, "take_rows", lambda m, rows, name: taken.append(name) or take(m, rows, name))
     idx = mx.random.randint(0, 256, (2, 50), key=mx.random.key(3))
     model = tiny_model(attention="parallel")
-    model.sparse_step_density = density
+    model.sparse_step_density, model.cpu_kernel = density, cpu_kernel
     cache = model.make_cache(2)
     steps = [prefill(model, idx[:, :10], cache, chunk_size=4)[:, None]]
     for t in range(10, idx.shape[1] - 1):
@@ -115,7 +120,8 @@ def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density)
         mx.eval(logits, cache.state)
         steps.append(logits)
     assert_close(mx.concatenate(steps, axis=1), model(idx[:, :-1])[0][:, 9:], f"token by token, density {density}")
-    assert len(taken) == (39 * model.config.n_layer if density else 0)
+    per_layer = 2 * model.config.n_head * 3 if cpu_kernel else 1  # numpy: S, encoder_v, decoder per row and head
+    assert len(taken) == (39 * model.config.n_layer * per_layer if density else 0)
 
 
 @pytest.mark.slow
