@@ -45,6 +45,11 @@ def rows_times(rows, matrix):
     return np.einsum("bn,nd->bd", rows, matrix) if rows.shape[0] == 1 else rows @ matrix
 
 
+def sparse_heads(firing_pairs, max_density: float):
+    """(nh,) booleans: the heads where at most ``max_density`` of the pairs fire, in every batch row."""
+    return (firing_pairs.sum(axis=-1) <= max_density * firing_pairs.shape[-1]).all(axis=-1)
+
+
 _buffers = threading.local()
 
 
@@ -79,7 +84,7 @@ def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_
     q_rows = q.transpose(1, 0, 2)[:, :, None]  # (B, nh, 1, N)
     kept = ((q_rows @ np.asarray(Q).swapaxes(-1, -2)) @ np.asarray(V))[:, :, 0]  # (B, nh, D); V's row m is zero
     firing_pairs = (x[..., 0::2] + x[..., 1::2]) > 0  # (nh, B, N / 2); x >= 0
-    sparse = (firing_pairs.sum(axis=-1) <= max_density * N / 2).all(axis=-1)  # (nh,)
+    sparse = sparse_heads(firing_pairs, max_density)
 
     states, weights, by_head = np.asarray(S), np.asarray(encoder_v), np.asarray(decoder).reshape(nh, N, D)
     columns = np.asarray(encoder_v_rows()) if sparse.any() else None  # (nh, N, D)
