@@ -4,14 +4,16 @@
     python benchmarks/generate_speed.py --contexts 256 --densities 0.025 0.05 0.1 --recompute-max 0 --official-max 0
     python benchmarks/generate_speed.py --sparsity-of checkpoints_mlx/small-pydoc/best.npz --contexts 256
 
-Decoding is timed with the dense step and with the sparse step (``sparse_neurons_step``: S, encoder_v and
-the decoder read only at the neurons that fire; forced here whatever the density, so the crossover shows),
-side by side. "GB/s" is the memory a step must move (the layer's weights read by each of the n_layer
-layers, the state read and written once) divided by its time, printed next to the machine's copy
-bandwidth (numpy and MLX copies of a 200 MB array, read + write). ``--densities``: a model of the preset's
-shape whose encoder columns are zeroed so that about that fraction of x is non-zero (random weights are
-not sparse: about half of x is); ``--sparsity-of``: the measured fraction of non-zero x (and of firing
-RoPE pairs, the rows of S the sparse step reads) per layer of a trained checkpoint.
+Decoding is timed side by side with four steps: "dense" and "sparse" are the step the model takes on this
+device (on the CPU in float32, the numpy kernel of ``cpu_step.py``), "MLX dense" and "MLX sparse" the one of
+MLX operations that other devices take. The sparse steps (S, encoder_v and the decoder read only at the
+neurons that fire) are forced here whatever the density, so the crossover shows; "speedup" is dense / sparse.
+"GB/s" is the memory the dense step must move (the layer's weights read by each of the n_layer layers, the
+state read and written once) divided by its time, printed next to the machine's copy bandwidth (numpy and MLX
+copies of a 200 MB array, read + write). ``--densities``: a model of the preset's shape whose encoder columns
+are zeroed so that about that fraction of x is non-zero (random weights are not sparse: about half of x is);
+``--sparsity-of``: the measured fraction of non-zero x (and of firing RoPE pairs, the rows of S the sparse
+step reads) per layer of a trained checkpoint.
 
 The context is built once, by chunked prefill through the cache, growing from one length to the
 next; decoding is timed only after each prefill (``generate_step`` from a copy of the cache).
@@ -81,15 +83,24 @@ def step_bytes(model, cache, weight_reads=None) -> int:
     return embedding + weights + params["lm_head"].nbytes + 2 * sum(s.nbytes for s in cache.states)
 
 
-def dense_and_sparse(model, cache, token, n_tokens, repeats):
-    """Seconds per token with the dense step and with the sparse step (taken whatever the density)."""
-    default = model.sparse_step_density
-    times = []
-    for density in (0.0, 1.0):
-        model.sparse_step_density = density
-        times.append(decode_seconds_per_token(model, cache, token, n_tokens, repeats))
-    model.sparse_step_density = default
-    return times
+STEPS = {  # name: (model.cpu_kernel, model.sparse_step_density)
+    "MLX dense": (False, 0.0),
+    "MLX sparse": (False, 1.0),
+    "dense": (True, 0.0),
+    "sparse": (True, 1.0),
+}
+
+
+def step_seconds(model, cache, token, n_tokens, repeats):
+    """Seconds per token of each of ``STEPS``, the sparse ones taken whatever the density; the best of
+    ``repeats`` runs, taken in turns. Where the CPU kernel does not apply, "dense" and "sparse" are MLX's."""
+    default = model.cpu_kernel, model.sparse_step_density
+    best = dict.fromkeys(STEPS, float("inf"))
+    for _ in range(repeats):
+        for name, (model.cpu_kernel, model.sparse_step_density) in STEPS.items():
+            best[name] = min(best[name], decode_seconds_per_token(model, cache, token, n_tokens, 1))
+    model.cpu_kernel, model.sparse_step_density = default
+    return best
 
 
 def with_density(model, density, seed=0):
@@ -202,19 +213,21 @@ def time_contexts(model, args, numpy_bw, official):
     header = [
         "context",
         "+prefill s",
+        "MLX dense ms",
         "dense ms/tok",
         "GB/s",
         "of copy",
         "(weights once)",
         "sparse ms/tok",
         "speedup",
+        "MLX sparse ms",
         "recompute ms/tok",
         "ratio",
         "official ms/tok",
         "ratio",
         "cache MB",
     ]
-    widths = [8, 10, 13, 7, 8, 14, 14, 8, 17, 8, 16, 8, 9]
+    widths = [8, 10, 13, 13, 7, 8, 14, 14, 8, 14, 17, 8, 16, 8, 9]
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     cache = model.make_cache(1)
     cached = {}
@@ -224,7 +237,8 @@ def time_contexts(model, args, numpy_bw, official):
         prefill(model, idx[:, done:context], cache, args.prefill_chunk)
         prefill_s, done = time.perf_counter() - tic, context
         mx.clear_cache()  # give back the prefill's buffers before timing decoding
-        dense, sparse = dense_and_sparse(model, cache, idx[0, context].item(), args.tokens, args.repeats)
+        times = step_seconds(model, cache, idx[0, context].item(), args.tokens, args.repeats)
+        dense, sparse = times["dense"], times["sparse"]
         cached[context] = dense
         bandwidth = step_bytes(model, cache) / dense / 1e9
         once = step_bytes(model, cache, weight_reads=1) / dense / 1e9
@@ -239,9 +253,9 @@ def time_contexts(model, args, numpy_bw, official):
         else:
             official_text = f"{'skipped':>16} {'-':>8}"
         print(
-            f"{context:>8} {prefill_s:>10.1f} {dense * 1e3:>13.1f} {bandwidth:>7.1f} {bandwidth / numpy_bw:>8.0%} "
-            f"{once / numpy_bw:>14.0%} "
-            f"{sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x {recompute_text} {ratio} {official_text} "
+            f"{context:>8} {prefill_s:>10.1f} {times['MLX dense'] * 1e3:>13.1f} {dense * 1e3:>13.1f} {bandwidth:>7.1f} "
+            f"{bandwidth / numpy_bw:>8.0%} {once / numpy_bw:>14.0%} {sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x "
+            f"{times['MLX sparse'] * 1e3:>14.1f} {recompute_text} {ratio} {official_text} "
             f"{cache.nbytes / 1e6:>9.1f}",
             flush=True,
         )
