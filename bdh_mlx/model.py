@@ -233,7 +233,8 @@ def take_rows(matrix, rows):
 
 
 # Above this fraction of firing RoPE pairs the dense step is faster. Measured at 25m (generate_speed.py
-# --densities): sparse / dense time 0.40 at 5% of pairs firing, 0.53 at 10%, 0.80 at 19%, 1.07 at 27%.
+# --densities), sparse / dense time with MLX's steps: 0.40 at 5% of pairs firing, 0.53 at 10%, 0.80 at 19%,
+# 1.07 at 27%; with the CPU kernel's (cpu_step.py): 0.62 at 10%, 0.99 at 19%, 0.93 at 27%, 1.07 at 36%.
 SPARSE_STEP_DENSITY = 0.2
 
 
