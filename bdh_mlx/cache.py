@@ -31,6 +31,24 @@ class LayerState(NamedTuple):
             return self.S
         return mx.addmm(self.S, self.Q.swapaxes(-1, -2), mx.broadcast_to(self.V, (*self.Q.shape[:3], self.V.shape[-1])))
 
+    def with_room(self) -> "LayerState":
+        """This state with a free row for the next write: the buffers made at the first token, and the kept
+        writes added to S (``whole``) when all ``KEPT_WRITES`` rows are taken. Q's rows are overwritten before
+        they are read again; V's must be zero."""
+        if self.Q is None:
+            B, nh, N, D = self.S.shape
+            return LayerState(self.S, mx.zeros((B, nh, KEPT_WRITES, N)), mx.zeros((B, 1, KEPT_WRITES, D)), 0)
+        if self.m == KEPT_WRITES:
+            return LayerState(self.whole(), self.Q, mx.zeros_like(self.V), 0)
+        return self
+
+    def kept(self, q, v) -> "LayerState":
+        """With one more write kept in row ``m``: q (B, nh, 1, N), v (B, 1, 1, D), float32. In place when
+        nothing else holds Q and V."""
+        at = mx.array([self.m])
+        return LayerState(self.S, mx.slice_update(self.Q, q, at, axes=(2,)), mx.slice_update(self.V, v, at, axes=(2,)),
+                          self.m + 1)
+
 
 class BDHCache:
     """Per-layer attention states ``S`` in float32, and how many tokens each row has seen.

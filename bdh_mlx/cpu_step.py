@@ -15,7 +15,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from .cache import KEPT_WRITES, LayerState
+from .cache import LayerState
 from .quantize import QuantizedWeight
 
 LN_EPS = 1e-5  # model.LN_EPS (tested equal)
@@ -69,12 +69,8 @@ def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_
     A head runs sparse when, in every batch row, at most ``max_density`` of its RoPE pairs fire; then
     ``encoder_v_rows()`` (encoder_v as (nh, N, D)) gives the neurons' rows of encoder_v.
     """
-    S, Q, V, m = state
-    if Q is None:
-        Q = mx.zeros((*S.shape[:2], KEPT_WRITES, S.shape[-2]))
-        V = mx.zeros((S.shape[0], 1, KEPT_WRITES, S.shape[-1]))
-    elif m == KEPT_WRITES:  # as the MLX step leaves it
-        S, V, m = state.whole(), mx.zeros_like(V), 0
+    state = state.with_room()  # full only as MLX's step leaves it: this step adds its writes on the way out
+    S, Q, V, _ = state
     mx.eval(v, encoder, encoder_v, decoder, cos, sin, S, Q, V)
     nh, D, N = encoder.shape
     B = S.shape[0]
@@ -110,10 +106,6 @@ def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_
             u += rows_times(x[h] * y, by_head[h])
     del states, weights, by_head, columns  # the views hold their arrays: let go before MLX writes in place
 
-    at = mx.array([m])
-    Q = mx.slice_update(Q, mx.array(q_rows), at, axes=(2,))  # in place: the old Q has no other user
-    V = mx.slice_update(V, v.astype(mx.float32), at, axes=(2,))
-    state = LayerState(S, Q, V, m + 1)
-    if state.m == KEPT_WRITES:  # lazily, so that S is written in place once the cache lets go of it
-        state = LayerState(state.whole(), Q, mx.zeros_like(V), 0)
-    return mx.array(u).reshape(B, 1, 1, D), state
+    del S, Q, V
+    # When the kept writes are full they are added to S lazily, so S is written in place once the cache lets go.
+    return mx.array(u).reshape(B, 1, 1, D), state.kept(mx.array(q_rows), v.astype(mx.float32)).with_room()

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cpu_step
-from .cache import KEPT_WRITES, BDHCache, LayerState
+from .cache import BDHCache, LayerState
 from .errors import BDHError, ConfigError
 from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
 
@@ -206,17 +206,13 @@ def recurrent_attention_step(qr, v, state: LayerState, rows=None):
     ``rows`` (B, nh, R): read S only at these rows, where qr is non-zero (``firing_rows``).
     Not traceable (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
     """
-    q, val = qr.astype(mx.float32), v.astype(mx.float32)
-    S, Q, V, m = state
-    if Q is None:
-        Q, V = mx.zeros((*q.shape[:2], KEPT_WRITES, q.shape[-1])), mx.zeros((*v.shape[:2], KEPT_WRITES, v.shape[-1]))
-    elif m == KEPT_WRITES:  # Q's rows are overwritten before they are read again; V's must be zero
-        S, V, m = state.whole(), mx.zeros_like(V), 0
-    at = mx.array([m])
-    Q = mx.slice_update(Q, q, at, axes=(2,))  # in place: the old Q has no other user
-    out = (q @ Q.swapaxes(-1, -2)) @ V  # V's row m is still zero: the token itself is excluded
+    q = qr.astype(mx.float32)
+    state = state.with_room()
+    written = state.kept(q, v.astype(mx.float32))  # Q written first: the old Q has no other user (in place)
+    out = (q @ written.Q.swapaxes(-1, -2)) @ state.V  # V before the write: the token itself is excluded
+    S = state.S
     out = out + (q @ S if rows is None else mx.take_along_axis(q, rows[..., None, :], axis=-1) @ take_rows(S, rows))
-    return out.astype(qr.dtype), LayerState(S, Q, mx.slice_update(V, val, at, axes=(2,)), m + 1)
+    return out.astype(qr.dtype), written
 
 
 def take_rows(matrix, rows):

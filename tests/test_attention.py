@@ -8,11 +8,10 @@ from conftest import FP32_TOL, assert_close
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
-from bdh_mlx.cache import LayerState
+from bdh_mlx.cache import KEPT_WRITES, LayerState
 from bdh_mlx.generate import prefill
 from bdh_mlx.model import (
     BDH,
-    KEPT_WRITES,
     BDHConfig,
     chunked_attention,
     firing_rows,

@@ -7,8 +7,9 @@ from conftest import assert_close
 
 import bdh_mlx.cpu_step as cpu_step
 import bdh_mlx.model as model_module
+from bdh_mlx.cache import KEPT_WRITES
 from bdh_mlx.generate import prefill
-from bdh_mlx.model import BDH, KEPT_WRITES, BDHConfig, data_address
+from bdh_mlx.model import BDH, BDHConfig, data_address
 from bdh_mlx.quantize import quantize
 
 TOL = 1e-5
