@@ -7,11 +7,14 @@
 Decoding is timed side by side with four steps: "dense" and "sparse" are the step the model takes on this
 device (on the CPU in float32, the numpy kernel of ``cpu_step.py``), "MLX dense" and "MLX sparse" the one of
 MLX operations that other devices take. The sparse steps (S, encoder_v and the decoder read only at the
-neurons that fire) are forced here whatever the density, so the crossover shows; "speedup" is dense / sparse.
+neurons that fire) are forced here whatever the density, so the crossover shows; "speedup" is dense / sparse,
+and "bound" the most the sparse step can gain in memory moved: the dense step's least bytes over the sparse
+step's, at the fractions of x and of RoPE pairs that fire (in the model's parallel pass over a short text).
 "GB/s" is the memory the dense step must move (the layer's weights read by each of the n_layer layers, the
-state read and written once) divided by its time, printed next to the machine's copy bandwidth (numpy and MLX
-copies of a 200 MB array, read + write). ``--densities``: a model of the preset's shape whose encoder columns
-are zeroed so that about that fraction of x is non-zero (random weights are not sparse: about half of x is);
+state read and written once) divided by its time, printed next to the machine's copy bandwidth (a numpy copy
+of a 200 MB array, read + write, timed in turns with the steps so that both see the same load).
+``--densities``: a model of the preset's shape whose encoder columns are zeroed so that about that fraction
+of x is non-zero (random weights are not sparse: about half of x is);
 ``--sparsity-of``: the measured fraction of non-zero x (and of firing RoPE pairs, the rows of S the sparse
 step reads) per layer of a trained checkpoint.
 
@@ -53,20 +56,14 @@ def decode_seconds_per_token(model, cache, token, n_tokens, repeats):
     return best
 
 
-def copy_bandwidth(n_bytes=200_000_000, repeats=5):
-    """(numpy, MLX) copy bandwidth in GB/s of an ``n_bytes`` float32 array, counting read + write."""
-    a = np.random.default_rng(0).random(n_bytes // 4, dtype=np.float32)
-    b = mx.array(a)
-    mx.eval(b)
-    best_np = best_mx = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        a.copy()
-        best_np = min(best_np, time.perf_counter() - tic)
-        tic = time.perf_counter()
-        mx.eval(b + 0)
-        best_mx = min(best_mx, time.perf_counter() - tic)
-    return 2 * n_bytes / best_np / 1e9, 2 * n_bytes / best_mx / 1e9
+COPIED = np.random.default_rng(0).random(50_000_000, dtype=np.float32)  # 200 MB, larger than any CPU cache
+
+
+def copy_seconds() -> float:
+    """Seconds for numpy to copy ``COPIED`` (its copy bandwidth is ``2 * COPIED.nbytes`` over this)."""
+    tic = time.perf_counter()
+    COPIED.copy()
+    return time.perf_counter() - tic
 
 
 def step_bytes(model, cache, weight_reads=None) -> int:
@@ -83,6 +80,17 @@ def step_bytes(model, cache, weight_reads=None) -> int:
     return embedding + weights + params["lm_head"].nbytes + 2 * sum(s.nbytes for s in cache.states)
 
 
+def sparse_step_bytes(model, cache, x_fraction, pair_fraction) -> int:
+    """The least memory a sparse step moves, counted as ``step_bytes`` counts the dense one: x needs the whole
+    encoder in every layer, encoder_v and the decoder are read at the fraction of neurons that fire, and S is
+    read and written at the firing RoPE pairs' rows (per layer fractions)."""
+    params = dict(tree_flatten(model.parameters()))
+    fixed = params["embed.weight"].nbytes // model.config.vocab_size + params["lm_head"].nbytes
+    firing = params["encoder_v"].nbytes + params["decoder"].nbytes
+    return fixed + sum(params["encoder"].nbytes + firing * x + 2 * s.nbytes * pairs
+                       for x, pairs, s in zip(x_fraction, pair_fraction, cache.states, strict=True))
+
+
 STEPS = {  # name: (model.cpu_kernel, model.sparse_step_density)
     "MLX dense": (False, 0.0),
     "MLX sparse": (False, 1.0),
@@ -92,13 +100,15 @@ STEPS = {  # name: (model.cpu_kernel, model.sparse_step_density)
 
 
 def step_seconds(model, cache, token, n_tokens, repeats):
-    """Seconds per token of each of ``STEPS``, the sparse ones taken whatever the density; the best of
-    ``repeats`` runs, taken in turns. Where the CPU kernel does not apply, "dense" and "sparse" are MLX's."""
+    """Seconds per token of each of ``STEPS``, the sparse ones taken whatever the density, and of a "copy"
+    (``copy_seconds``); the best of ``repeats`` runs, taken in turns. Where the CPU kernel does not apply,
+    "dense" and "sparse" are MLX's."""
     default = model.cpu_kernel, model.sparse_step_density
-    best = dict.fromkeys(STEPS, float("inf"))
+    best = dict.fromkeys([*STEPS, "copy"], float("inf"))
     for _ in range(repeats):
         for name, (model.cpu_kernel, model.sparse_step_density) in STEPS.items():
             best[name] = min(best[name], decode_seconds_per_token(model, cache, token, n_tokens, 1))
+        best["copy"] = min(best["copy"], copy_seconds())
     model.cpu_kernel, model.sparse_step_density = default
     return best
 
@@ -186,8 +196,6 @@ def main():
             f"active RoPE pairs (rows the sparse step touches) {' '.join(f'{f:.3f}' for f in pairs)}"
         )
 
-    numpy_bw, mlx_bw = copy_bandwidth()
-    print(f"copy bandwidth (200 MB, read + write): numpy {numpy_bw:.1f} GB/s, MLX {mlx_bw:.1f} GB/s")
     config = BDHConfig.from_preset(args.preset, dropout=0.0)
     for density in [None, *args.densities]:
         mx.random.seed(0)
@@ -203,10 +211,11 @@ def main():
             f"{'' if density is None else ' with encoder columns zeroed'}: {np.mean(x):.1%} of x non-zero, "
             f"{np.mean(pairs):.1%} of RoPE pairs firing; device {mx.default_device()}"
         )
-        time_contexts(model, args, numpy_bw, official_decoder(model) if args.official_max > 0 else None)
+        time_contexts(model, args, official_decoder(model) if args.official_max > 0 else None, (x, pairs))
 
 
-def time_contexts(model, args, numpy_bw, official):
+def time_contexts(model, args, official, sparsity):
+    """One row per context; ``sparsity``: per layer, the fractions of non-zero x and of firing pairs."""
     config = model.config
     contexts = sorted(args.contexts)
     idx = mx.random.randint(0, config.vocab_size, (1, contexts[-1] + 1), key=mx.random.key(1))
@@ -216,10 +225,12 @@ def time_contexts(model, args, numpy_bw, official):
         "MLX dense ms",
         "dense ms/tok",
         "GB/s",
+        "copy GB/s",
         "of copy",
         "(weights once)",
         "sparse ms/tok",
         "speedup",
+        "bound",
         "MLX sparse ms",
         "recompute ms/tok",
         "ratio",
@@ -227,7 +238,7 @@ def time_contexts(model, args, numpy_bw, official):
         "ratio",
         "cache MB",
     ]
-    widths = [8, 10, 13, 13, 7, 8, 14, 14, 8, 14, 17, 8, 16, 8, 9]
+    widths = [8, 10, 13, 13, 7, 10, 8, 14, 14, 8, 7, 14, 17, 8, 16, 8, 9]
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     cache = model.make_cache(1)
     cached = {}
@@ -240,8 +251,9 @@ def time_contexts(model, args, numpy_bw, official):
         times = step_seconds(model, cache, idx[0, context].item(), args.tokens, args.repeats)
         dense, sparse = times["dense"], times["sparse"]
         cached[context] = dense
-        bandwidth = step_bytes(model, cache) / dense / 1e9
+        bandwidth, copy = step_bytes(model, cache) / dense / 1e9, 2 * COPIED.nbytes / times["copy"] / 1e9
         once = step_bytes(model, cache, weight_reads=1) / dense / 1e9
+        bound = step_bytes(model, cache) / sparse_step_bytes(model, cache, *sparsity)
         if context <= args.recompute_max:
             recompute = recompute_seconds(model, idx[:, : context + 1])
             recompute_text, ratio = f"{recompute * 1e3:17.1f}", f"{recompute / dense:7.0f}x"
@@ -253,10 +265,10 @@ def time_contexts(model, args, numpy_bw, official):
         else:
             official_text = f"{'skipped':>16} {'-':>8}"
         print(
-            f"{context:>8} {prefill_s:>10.1f} {times['MLX dense'] * 1e3:>13.1f} {dense * 1e3:>13.1f} {bandwidth:>7.1f} "
-            f"{bandwidth / numpy_bw:>8.0%} {once / numpy_bw:>14.0%} {sparse * 1e3:>14.1f} {dense / sparse:>7.2f}x "
-            f"{times['MLX sparse'] * 1e3:>14.1f} {recompute_text} {ratio} {official_text} "
-            f"{cache.nbytes / 1e6:>9.1f}",
+            f"{context:>8} {prefill_s:>10.1f} {times['MLX dense'] * 1e3:>13.1f} {dense * 1e3:>13.1f} "
+            f"{bandwidth:>7.1f} {copy:>10.1f} {bandwidth / copy:>8.0%} {once / copy:>14.0%} {sparse * 1e3:>14.1f} "
+            f"{dense / sparse:>7.2f}x {bound:>6.2f}x {times['MLX sparse'] * 1e3:>14.1f} "
+            f"{recompute_text} {ratio} {official_text} {cache.nbytes / 1e6:>9.1f}",
             flush=True,
         )
     first, last = contexts[0], contexts[-1]
