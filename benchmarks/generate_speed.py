@@ -8,8 +8,8 @@ Decoding is timed side by side with four steps: "dense" and "sparse" are the ste
 device (on the CPU in float32, the numpy kernel of ``cpu_step.py``), "MLX dense" and "MLX sparse" the one of
 MLX operations that other devices take. The sparse steps (S, encoder_v and the decoder read only at the
 neurons that fire) are forced here whatever the density, so the crossover shows; "speedup" is dense / sparse,
-and "bound" the most the sparse step can gain in memory moved: the dense step's least bytes over the sparse
-step's, at the fractions of x and of RoPE pairs that fire (in the model's parallel pass over a short text).
+and "bound" the most it can be in memory moved: the bytes the dense step moves over the sparse step's
+(``moved_bytes``) at the fractions of x and of RoPE pairs that fire in the model's parallel pass over a short text.
 "GB/s" is the memory the dense step must move (the layer's weights read by each of the n_layer layers, the
 state read and written once) divided by its time, printed next to the machine's copy bandwidth (a numpy copy
 of a 200 MB array, read + write, timed in turns with the steps so that both see the same load).
@@ -37,6 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bdh_mlx import load
+from bdh_mlx.cache import KEPT_WRITES
 from bdh_mlx.generate import generate_step, prefill
 from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.utils import COMPUTE_DTYPES, eval_mode
@@ -81,15 +82,21 @@ def step_bytes(model, cache, weight_reads=None) -> int:
     return embedding + weights + params["lm_head"].nbytes + 2 * sum(s.nbytes for s in cache.states)
 
 
-def sparse_step_bytes(model, cache, x_fraction, pair_fraction) -> int:
-    """The least memory a sparse step moves, counted as ``step_bytes`` counts the dense one: x needs the whole
-    encoder in every layer, encoder_v and the decoder are read at the fraction of neurons that fire, and S is
-    read and written at the firing RoPE pairs' rows (per layer fractions)."""
+def moved_bytes(model, cache, x_fraction=None, pair_fraction=None) -> int:
+    """The memory a step moves as the steps make it. Per layer: the whole encoder (x needs all of it), encoder_v
+    and the decoder at the ``x_fraction`` of neurons that fire, S at the rows of the ``pair_fraction`` of RoPE
+    pairs that fire, the kept writes, and S read and written once every ``KEPT_WRITES`` tokens to add them.
+    Fractions per layer; None: all (the dense step)."""
+    c = model.config
     params = dict(tree_flatten(model.parameters()))
-    fixed = params["embed.weight"].nbytes // model.config.vocab_size + params["lm_head"].nbytes
+    fixed = params["embed.weight"].nbytes // c.vocab_size + params["lm_head"].nbytes
     firing = params["encoder_v"].nbytes + params["decoder"].nbytes
-    return fixed + sum(params["encoder"].nbytes + firing * x + 2 * s.nbytes * pairs
-                       for x, pairs, s in zip(x_fraction, pair_fraction, cache.states, strict=True))
+    kept = 4 * cache.batch_size * KEPT_WRITES * (c.n_head * c.n_neurons + c.n_embd)  # Q and V, float32
+    return fixed + sum(
+        params["encoder"].nbytes + firing * x + s.nbytes * (pairs + 2 / KEPT_WRITES) + kept
+        for x, pairs, s in zip(x_fraction or [1] * c.n_layer, pair_fraction or [1] * c.n_layer, cache.states,
+                               strict=True)
+    )
 
 
 STEPS = {  # name: (model.cpu_kernel, model.sparse_step_density)
@@ -109,7 +116,7 @@ def step_seconds(model, cache, token, n_tokens, repeats):
     for _ in range(repeats):
         for name, (model.cpu_kernel, model.sparse_step_density) in STEPS.items():
             best[name] = min(best[name], decode_seconds_per_token(model, cache, token, n_tokens, 1))
-        best["copy"] = min(best["copy"], copy_seconds())
+        best["copy"] = min(best["copy"], *(copy_seconds() for _ in range(3)))
     model.cpu_kernel, model.sparse_step_density = default
     return best
 
@@ -254,7 +261,7 @@ def time_contexts(model, args, official, sparsity):
         cached[context] = dense
         bandwidth, copy = step_bytes(model, cache) / dense / 1e9, 2 * COPIED.nbytes / times["copy"] / 1e9
         once = step_bytes(model, cache, weight_reads=1) / dense / 1e9
-        bound = step_bytes(model, cache) / sparse_step_bytes(model, cache, *sparsity)
+        bound = moved_bytes(model, cache) / moved_bytes(model, cache, *sparsity)
         if context <= args.recompute_max:
             recompute = recompute_seconds(model, idx[:, : context + 1])
             recompute_text, ratio = f"{recompute * 1e3:17.1f}", f"{recompute / dense:7.0f}x"
