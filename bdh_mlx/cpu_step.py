@@ -64,7 +64,7 @@ def take_rows(matrix, rows, name):
 
 
 def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_density, encoder_v_rows):
-    """``sparse_neurons_step`` in numpy: ``(u before its LN, state)`` for one token of every batch row.
+    """``sparse_neurons_step`` in numpy: ``(the layer's output, state)`` for one token of every batch row.
 
     A head runs sparse when, in every batch row, at most ``max_density`` of its RoPE pairs fire; then
     ``encoder_v_rows()`` (encoder_v as (nh, N, D)) gives the neurons' rows of encoder_v.
@@ -108,4 +108,5 @@ def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_
 
     del S, Q, V
     # When the kept writes are full they are added to S lazily, so S is written in place once the cache lets go.
-    return mx.array(u).reshape(B, 1, 1, D), state.kept(mx.array(q_rows), v.astype(mx.float32)).with_room()
+    output = layer_norm(values + layer_norm(u))  # model.residual
+    return mx.array(output).reshape(B, 1, 1, D), state.kept(mx.array(q_rows), v.astype(mx.float32)).with_room()

@@ -137,6 +137,11 @@ def layer_norm(x):
     return mx.fast.layer_norm(x, None, None, LN_EPS)
 
 
+def residual(v, u):
+    """A layer's output from its input v and the decoder's sum u: LN(v + LN(u))."""
+    return layer_norm(v + layer_norm(u))
+
+
 @mx.custom_function
 def relu(x):
     """max(x, 0); its backward pass needs only the output, so the input can be freed (saves memory)."""
@@ -395,20 +400,20 @@ def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerSt
     the firing pairs, and encoder_v (its columns, as rows of ``encoder_v_rows()`` (nh, N, D), asked for only
     then) and the decoder at the firing neurons only: the same sums without their zero terms. Otherwise
     the dense step.
-    Returns ``(u before its LN, state)``.
+    Returns ``(the layer's output, state)``: ``residual(v, u)``.
     """
     x = relu(matmul(v, encoder))  # (B, nh, 1, N)
     firing = firing_rows(x, max_density)
     read, state = recurrent_attention_step(rope(x, cos, sin), v, state, None if firing is None else firing[0])
     a = layer_norm(read)
     if firing is None:
-        return fire(x, a, encoder_v, decoder)[0], state
+        return residual(v, fire(x, a, encoder_v, decoder)[0]), state
     rows = encoder_v_rows()
     nh, N, D = rows.shape
     neurons = firing[1]
     x = mx.take_along_axis(x, neurons[..., None, :], axis=-1)  # (B, nh, 1, R)
     weights = take_rows(rows, neurons).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), neurons)
-    return fire(x, a, *weights)[0], state
+    return residual(v, fire(x, a, *weights)[0]), state
 
 
 def recompute_in_backward(fn, *inputs):
@@ -570,9 +575,9 @@ class BDH(nn.Module):
             keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
             neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=self.batch_share)
             if recompute:
-                u = sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head))
+                v = residual(v, sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head)))
             elif layer_step is not None:
-                u, cache.layers[layer] = layer_step(
+                v, cache.layers[layer] = layer_step(
                     v, *weights, cos, sin, state, self.sparse_step_density, partial(self.encoder_v_rows, dtype)
                 )
             else:
@@ -581,7 +586,7 @@ class BDH(nn.Module):
                     cache.layers[layer] = state
                 if activations is not None:
                     activations.append({"x": x, "y": y})
-            v = layer_norm(v + layer_norm(u))
+                v = residual(v, u)
         logits = matmul(v[:, 0], lm_head).astype(mx.float32)  # (B, T, V)
 
         if cache is not None:
