@@ -27,6 +27,7 @@ forward pass in eager PyTorch (no grad, dense T x T attention), with this model'
 """
 
 import argparse
+import functools
 import time
 
 import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before mlx.core is imported
@@ -57,14 +58,22 @@ def decode_seconds_per_token(model, cache, token, n_tokens, repeats):
     return best
 
 
-COPIED = np.random.default_rng(0).random(50_000_000, dtype=np.float32)  # 200 MB, larger than any CPU cache
-COPY = np.ones_like(COPIED)  # written before timing: a fresh array's page faults would be timed too
+COPY_BYTES = 200_000_000  # larger than any CPU cache
+
+
+@functools.cache
+def copy_arrays():
+    """A source and a destination of ``COPY_BYTES``, both written before any timing (a fresh array's page
+    faults would be timed too), made once, at the first copy."""
+    source = np.random.default_rng(0).random(COPY_BYTES // 4, dtype=np.float32)
+    return source, np.ones_like(source)
 
 
 def copy_seconds() -> float:
-    """Seconds for numpy to copy ``COPIED`` into ``COPY`` (the copy bandwidth is ``2 * COPIED.nbytes`` over this)."""
+    """Seconds for numpy to copy ``COPY_BYTES`` (the copy bandwidth is ``2 * COPY_BYTES`` over this)."""
+    source, destination = copy_arrays()
     tic = time.perf_counter()
-    np.copyto(COPY, COPIED)
+    np.copyto(destination, source)
     return time.perf_counter() - tic
 
 
@@ -259,7 +268,7 @@ def time_contexts(model, args, official, sparsity):
         times = step_seconds(model, cache, idx[0, context].item(), args.tokens, args.repeats)
         dense, sparse = times["dense"], times["sparse"]
         cached[context] = dense
-        bandwidth, copy = step_bytes(model, cache) / dense / 1e9, 2 * COPIED.nbytes / times["copy"] / 1e9
+        bandwidth, copy = step_bytes(model, cache) / dense / 1e9, 2 * COPY_BYTES / times["copy"] / 1e9
         once = step_bytes(model, cache, weight_reads=1) / dense / 1e9
         bound = moved_bytes(model, cache) / moved_bytes(model, cache, *sparsity)
         if context <= args.recompute_max:
