@@ -1,18 +1,18 @@
 """bdh-mlx: the Baby Dragon Hatchling language model for Apple's MLX."""
 
-from . import blas
+from bdh_mlx import blas
 
 blas.load()  # first: a BLAS must be loaded before mlx.core to be used by it (Linux CPU; see blas.py)
 
-from .cache import BDHCache
-from .checkpoint import load, save
-from .errors import BDHError, CheckpointError, ConfigError, DataError
-from .generate import batch_generate, generate, generate_step, stream_generate
-from .merge import merge
-from .model import BDH, PRESETS, BDHConfig
-from .quantize import quantize
-from .sample_utils import make_logits_processors, make_sampler
-from .template import apply_template, end_of_response
+from bdh_mlx.errors import BDHError, CheckpointError, ConfigError, DataError
+from bdh_mlx.inference.generate import batch_generate, generate, generate_step, stream_generate
+from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
+from bdh_mlx.inference.template import apply_template, end_of_response
+from bdh_mlx.model.bdh import BDH, PRESETS, BDHConfig
+from bdh_mlx.model.cache import BDHCache
+from bdh_mlx.model.quantized import quantize
+from bdh_mlx.storage.checkpoint import load, save
+from bdh_mlx.tools.merge import merge
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ import argparse
 import math
 import sys
 
-from .errors import BDHError
-from .utils import COMPUTE_DTYPES
+from bdh_mlx.errors import BDHError
+from bdh_mlx.storage.files import COMPUTE_DTYPES
 
 DEFAULT_BLOCK_SIZE, DEFAULT_BATCH_SIZE = 512, 32  # the official recipe
 SEED_MAX = 2**62  # mx.random.seed takes an unsigned 64-bit integer; leave room for seed + 1

@@ -4,21 +4,21 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("bdh_mlx.train", "train a model (or resume a run)"),
-    "finetune": ("bdh_mlx.finetune", "fine-tune a checkpoint on instruction/response pairs"),
-    "generate": ("bdh_mlx.generate", "generate text from a checkpoint"),
-    "chat": ("bdh_mlx.chat", "chat with a fine-tuned checkpoint (one message per line)"),
-    "eval": ("bdh_mlx.evaluate", "validation loss and bits per byte of a checkpoint"),
-    "plot": ("bdh_mlx.plot", "draw PNG charts of a run's metrics"),
+    "train": ("bdh_mlx.training.train", "train a model (or resume a run)"),
+    "finetune": ("bdh_mlx.training.finetune", "fine-tune a checkpoint on instruction/response pairs"),
+    "generate": ("bdh_mlx.inference.generate", "generate text from a checkpoint"),
+    "chat": ("bdh_mlx.inference.chat", "chat with a fine-tuned checkpoint (one message per line)"),
+    "eval": ("bdh_mlx.training.evaluate", "validation loss and bits per byte of a checkpoint"),
+    "plot": ("bdh_mlx.tools.plot", "draw PNG charts of a run's metrics"),
     "inspect": ("bdh_mlx.interpret.cmd_inspect", "activation statistics and an HTML report of a text"),
     "neurons": ("bdh_mlx.interpret.cmd_neurons", "a neuron atlas: every neuron's firing rate and top contexts"),
     "synapses": ("bdh_mlx.interpret.cmd_synapses", "track synapses along a text, or find a concept's synapses"),
     "graphs": ("bdh_mlx.interpret.cmd_graphs", "neuron graphs: degree distribution and modularity"),
-    "merge": ("bdh_mlx.merge", "merge two checkpoints by concatenating their neurons"),
-    "quantize": ("bdh_mlx.quantize", "quantize a checkpoint to 4 or 8 bits"),
-    "upload": ("bdh_mlx.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
-    "convert": ("bdh_mlx.convert", "convert to and from the official PyTorch state_dict"),
-    "info": ("bdh_mlx.info", "versions, device, the BLAS in use and its measured matmul speed"),
+    "merge": ("bdh_mlx.tools.merge", "merge two checkpoints by concatenating their neurons"),
+    "quantize": ("bdh_mlx.tools.quantize", "quantize a checkpoint to 4 or 8 bits"),
+    "upload": ("bdh_mlx.storage.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
+    "convert": ("bdh_mlx.storage.convert", "convert to and from the official PyTorch state_dict"),
+    "info": ("bdh_mlx.tools.info", "versions, device, the BLAS in use and its measured matmul speed"),
 }
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from bdh_mlx import __version__
 
         print(f"bdh-mlx {__version__}")
         return 0

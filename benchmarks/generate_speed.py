@@ -38,10 +38,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bdh_mlx import load
-from bdh_mlx.cache import KEPT_WRITES
-from bdh_mlx.generate import generate_step, prefill
-from bdh_mlx.model import BDH, BDHConfig
-from bdh_mlx.utils import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.inference.generate import generate_step, prefill
+from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model.cache import KEPT_WRITES
+from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 
 
 def decode_seconds_per_token(model, cache, token, n_tokens, repeats):

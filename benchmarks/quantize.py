@@ -19,9 +19,10 @@ import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before 
 # isort: split
 import mlx.core as mx
 
-from bdh_mlx import BDH, BDHConfig, evaluate, load, quantize, save
-from bdh_mlx.data import eval_batches, load_corpus
-from bdh_mlx.generate import generate_step
+from bdh_mlx import BDH, BDHConfig, load, quantize, save
+from bdh_mlx.inference.generate import generate_step
+from bdh_mlx.training import evaluate
+from bdh_mlx.training.data import eval_batches, load_corpus
 
 TARGETS = {8: 0.005, 4: 0.03}
 

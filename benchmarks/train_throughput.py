@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from bdh_mlx.model import BDH, PRESETS, BDHConfig
-from bdh_mlx.train import loss_fn, make_optimizer, make_train_step
+from bdh_mlx.model.bdh import BDH, PRESETS, BDHConfig
+from bdh_mlx.training.train import loss_fn, make_optimizer, make_train_step
 
 
 def optimizer_args(lr=1e-3):

@@ -4,7 +4,7 @@
 
 1. writes two corpora: English prose (the built-in pydoc text) and Python code (the standard library's .py files);
 2. trains a base on both, then fine-tunes copy A on prose and copy B on code (``bdh-mlx train --init-from``);
-3. merges A and B (``bdh_mlx.merge``) and fine-tunes AB briefly on both corpora;
+3. merges A and B (``bdh_mlx.tools.merge``) and fine-tunes AB briefly on both corpora;
 4. prints the validation bits per byte of base, A, B, AB and the fine-tuned AB on each corpus (a Markdown table).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 import bdh_mlx
-from bdh_mlx import train
-from bdh_mlx.data import default_corpus_bytes, eval_batches, split_corpus
-from bdh_mlx.evaluate import evaluate_loss
+from bdh_mlx.training import train
+from bdh_mlx.training.data import default_corpus_bytes, eval_batches, split_corpus
+from bdh_mlx.training.evaluate import evaluate_loss
 
 
 def write_corpora(out: Path, code_bytes: int) -> dict:

@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 import bdh_mlx
-from bdh_mlx.data import default_corpus_bytes
 from bdh_mlx.interpret import Atlas, build_atlas
+from bdh_mlx.training.data import default_corpus_bytes
 
 
 def main():

@@ -17,8 +17,8 @@ import bdh_mlx  # first: on Linux it gives MLX the fast BLAS before mlx.core is 
 import mlx.core as mx
 
 from bdh_mlx import BDHCache
-from bdh_mlx.generate import generate, prefill
-from bdh_mlx.sample_utils import make_sampler
+from bdh_mlx.inference.generate import generate, prefill
+from bdh_mlx.inference.sample_utils import make_sampler
 
 CONTEXT = "A dragon hatchling learns to read one byte at a time. " * 40
 

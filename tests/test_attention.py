@@ -8,9 +8,8 @@ from conftest import FP32_TOL, assert_close
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
-from bdh_mlx.cache import KEPT_WRITES, LayerState
-from bdh_mlx.generate import prefill
-from bdh_mlx.model import (
+from bdh_mlx.inference.generate import prefill
+from bdh_mlx.model.bdh import (
     BDH,
     BDHConfig,
     chunked_attention,
@@ -19,6 +18,7 @@ from bdh_mlx.model import (
     recurrent_attention_step,
     take_rows,
 )
+from bdh_mlx.model.cache import KEPT_WRITES, LayerState
 
 TOL = FP32_TOL
 
@@ -102,8 +102,8 @@ def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density,
     """40 tokens one by one after a prefill (two rows, kept writes added twice): the sparse step (reading only
     the firing neurons' rows) and the dense one give the parallel form's logits, with MLX operations (the
     step of other devices) and with the CPU kernel (numpy)."""
-    import bdh_mlx.cpu_step as cpu_step
-    import bdh_mlx.model as model_module
+    import bdh_mlx.inference.cpu_kernel as cpu_step
+    import bdh_mlx.model.bdh as model_module
 
     taken = []
     monkeypatch.setattr(model_module, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from bdh_mlx.cache import BDHCache
 from bdh_mlx.errors import CheckpointError
-from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model.cache import BDHCache
 
 
 @pytest.fixture(scope="module")

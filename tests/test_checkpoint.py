@@ -9,7 +9,7 @@ from conftest import WEIGHT_NAMES
 
 import bdh_mlx
 from bdh_mlx import BDH, BDHConfig, CheckpointError
-from bdh_mlx.checkpoint import CONFIG_KEY, FORMAT_KEY, model_weights, save_weights, weight_shapes
+from bdh_mlx.storage.checkpoint import CONFIG_KEY, FORMAT_KEY, model_weights, save_weights, weight_shapes
 
 TINY = BDHConfig.from_preset("tiny", dropout=0.0)
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-import bdh_mlx.cpu_step as cpu_step
-import bdh_mlx.model as model_module
-from bdh_mlx.cache import KEPT_WRITES
-from bdh_mlx.generate import prefill
-from bdh_mlx.model import BDH, BDHConfig, data_address
-from bdh_mlx.quantize import quantize
+import bdh_mlx.inference.cpu_kernel as cpu_step
+import bdh_mlx.model.bdh as model_module
+from bdh_mlx.inference.generate import prefill
+from bdh_mlx.model.bdh import BDH, BDHConfig, data_address
+from bdh_mlx.model.cache import KEPT_WRITES
+from bdh_mlx.model.quantized import quantize
 
 TOL = 1e-5
 

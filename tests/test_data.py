@@ -6,8 +6,8 @@ from pydoc_data.topics import topics
 import numpy as np
 import pytest
 
-from bdh_mlx.data import BatchSampler, eval_batches, load_corpus, looks_like_path
 from bdh_mlx.errors import DataError
+from bdh_mlx.training.data import BatchSampler, eval_batches, load_corpus, looks_like_path
 
 
 def data_args(**kw):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN
 
-from bdh_mlx import train
-from bdh_mlx.checkpoint import read_checkpoint
+from bdh_mlx.storage.checkpoint import read_checkpoint
+from bdh_mlx.training import train
 
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN
 
-from bdh_mlx import evaluate, load, plot, train
-from bdh_mlx.data import eval_batches
+from bdh_mlx import load
+from bdh_mlx.tools import plot
+from bdh_mlx.training import evaluate, train
+from bdh_mlx.training.data import eval_batches
 
 EVAL_SHAPE = ["--block-size", "32", "--batch-size", "4", "--eval-batches", "2"]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN
 
-from bdh_mlx import train
-from bdh_mlx.checkpoint import read_checkpoint
+from bdh_mlx.storage.checkpoint import read_checkpoint
+from bdh_mlx.training import train
 
 DIE_IN_FIRST_SAVE = """
 import os, signal, sys
@@ -23,7 +23,7 @@ def dying_savez(f, **arrays):
     f.write(b"half a checkpoint")
     os.kill(os.getpid(), signal.SIGKILL)
 np.savez = dying_savez
-from bdh_mlx import train
+from bdh_mlx.training import train
 sys.exit(train.main(sys.argv[1:]))
 """
 

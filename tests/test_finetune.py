@@ -6,12 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bdh_mlx import BDH, BDHConfig, apply_template, checkpoint, end_of_response, generate
-from bdh_mlx.chat import main as chat_main
-from bdh_mlx.finetune import Example, encode, load_examples, normalise, pack, parse_args, response_loss
-from bdh_mlx.finetune import main as finetune_main
-from bdh_mlx.generate import main as generate_main
-from bdh_mlx.template import ALPACA_TEMPLATE
+from bdh_mlx import BDH, BDHConfig, apply_template, end_of_response, generate
+from bdh_mlx.inference.chat import main as chat_main
+from bdh_mlx.inference.generate import main as generate_main
+from bdh_mlx.inference.template import ALPACA_TEMPLATE
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.training.finetune import Example, encode, load_examples, normalise, pack, parse_args, response_loss
+from bdh_mlx.training.finetune import main as finetune_main
 
 FT = ["--block-size", "64", "--batch-size", "4", "--eval-batches", "1", "--sample-tokens", "0", "--no-progress",
       "--dropout", "0"]
@@ -204,7 +205,7 @@ def test_training_samples_of_an_instruction_tuned_model_end_at_its_marker():
     """The evaluation sample stops where the model writes its end-of-response marker, like chat."""
     from types import SimpleNamespace
 
-    from bdh_mlx.train import sample_text
+    from bdh_mlx.training.train import sample_text
 
     mx.random.seed(0)
     model = BDH(BDHConfig.from_preset("tiny"))

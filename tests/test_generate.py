@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import FP32_TOL, assert_close
 
-from bdh_mlx import BDHError, checkpoint
-from bdh_mlx.generate import (
+from bdh_mlx import BDHError
+from bdh_mlx.inference.generate import (
     _split_at_stop,
     batch_generate,
     generate,
@@ -21,8 +21,9 @@ from bdh_mlx.generate import (
     prefill,
     stream_generate,
 )
-from bdh_mlx.model import BDH, BDHConfig
-from bdh_mlx.sample_utils import make_logits_processors, make_sampler
+from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
+from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.storage import checkpoint
 
 TOL = FP32_TOL
 

@@ -18,9 +18,11 @@ import pytest
 import yaml
 from conftest import TINY_RUN
 
-from bdh_mlx import BDH, BDHConfig, CheckpointError, checkpoint, cli, train
-from bdh_mlx.hub import HubError, resolve_checkpoint
-from bdh_mlx.utils import eval_mode
+from bdh_mlx import BDH, BDHConfig, CheckpointError, cli
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import eval_mode
+from bdh_mlx.storage.hub import HubError, resolve_checkpoint
+from bdh_mlx.training import train
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
@@ -410,7 +412,7 @@ def test_upload_errors_are_one_line(hub, hub_env, models, tmp_path, capsys):
 def test_model_card_usage_runs(tmp_path, template, capsys):
     """The card's shell and Python usage fit the model (plain text, or instructions for a fine-tuned one),
     and its Python block runs as written against the checkpoint."""
-    from bdh_mlx.upload import model_card
+    from bdh_mlx.storage.upload import model_card
 
     mx.random.seed(0)
     config = BDHConfig.from_preset("tiny", prompt_template=template)

@@ -8,7 +8,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bdh_mlx import checkpoint
 from bdh_mlx.cli import main as cli_main
 from bdh_mlx.interpret import (
     Atlas,
@@ -24,7 +23,8 @@ from bdh_mlx.interpret import (
     synapse_series,
     synapse_state,
 )
-from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.storage import checkpoint
 
 SQRT7 = math.sqrt(7)  # LN of a one-hot vector of width 8, at its hot entry
 

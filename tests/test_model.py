@@ -7,9 +7,9 @@ from conftest import WEIGHT_NAMES
 from mlx.utils import tree_flatten
 
 from bdh_mlx import BDH, PRESETS, BDHConfig, ConfigError
-from bdh_mlx import model as model_module
-from bdh_mlx.checkpoint import weight_shapes
-from bdh_mlx.model import dropout, random_keys
+from bdh_mlx.model import bdh as model_module
+from bdh_mlx.model.bdh import dropout, random_keys
+from bdh_mlx.storage.checkpoint import weight_shapes
 
 
 def count(tree) -> int:

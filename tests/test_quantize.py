@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from bdh_mlx import BDH, BDHConfig, BDHError, CheckpointError, cli, load, quantize, save
-from bdh_mlx.checkpoint import model_weights, read_checkpoint, save_weights
-from bdh_mlx.quantize import QuantizedWeight
+from bdh_mlx.model.quantized import QuantizedWeight
+from bdh_mlx.storage.checkpoint import model_weights, read_checkpoint, save_weights
 
 
 def tiny_model(**overrides):

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bdh_mlx.sample_utils import (
+from bdh_mlx.inference.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,

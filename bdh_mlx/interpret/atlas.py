@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_savez, atomic_write_text, read_npz
+from bdh_mlx.storage.files import atomic_savez, atomic_write_text, read_npz
+
 from .common import (
     CHUNK_SIZE,
     KINDS,

@@ -5,9 +5,10 @@
 
 import json
 
-from .. import checkpoint
-from ..arguments import ArgumentParser, non_negative_float, non_negative_int, positive_int, run_command
-from ..utils import atomic_write_text
+from bdh_mlx.arguments import ArgumentParser, non_negative_float, non_negative_int, positive_int, run_command
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import atomic_write_text
+
 from .graphs import graph_summary
 from .plots import plot_degrees, save_png
 

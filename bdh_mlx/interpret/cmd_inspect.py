@@ -5,9 +5,10 @@
 
 import json
 
-from .. import checkpoint
-from ..arguments import ArgumentParser, non_negative_int, positive_int, run_command
-from ..utils import atomic_write_text
+from bdh_mlx.arguments import ArgumentParser, non_negative_int, positive_int, run_command
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import atomic_write_text
+
 from .atlas import Atlas
 from .common import add_common_options, add_text_arguments, read_text, synapse_address
 from .report import write_report

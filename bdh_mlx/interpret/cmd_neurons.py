@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint
-from ..arguments import ArgumentParser, positive_int, run_command
-from ..data import memmap_bytes
+from bdh_mlx.arguments import ArgumentParser, positive_int, run_command
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.training.data import memmap_bytes
+
 from .atlas import build_atlas
 from .common import InterpretError, add_common_options
 

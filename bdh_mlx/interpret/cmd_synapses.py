@@ -11,9 +11,10 @@ import json
 import re
 from pathlib import Path
 
-from .. import checkpoint
-from ..arguments import ArgumentParser, positive_int, run_command
-from ..utils import atomic_write_text
+from bdh_mlx.arguments import ArgumentParser, positive_int, run_command
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import atomic_write_text
+
 from .common import InterpretError, add_common_options, add_text_arguments, read_text, synapse_address
 from .plots import plot_synapse_series, save_png
 from .synapses import concept_synapses, strongest_synapses, synapse_series, synapse_state

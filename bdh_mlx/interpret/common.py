@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..arguments import positive_int
-from ..errors import BDHError
-from ..utils import eval_mode
+from bdh_mlx.arguments import positive_int
+from bdh_mlx.errors import BDHError
+from bdh_mlx.storage.files import eval_mode
 
 KINDS = ("x", "y")
 CHUNK_SIZE = 256

@@ -5,7 +5,8 @@ import io
 
 import numpy as np
 
-from ..utils import atomic_write
+from bdh_mlx.storage.files import atomic_write
+
 from .common import KINDS
 
 

@@ -9,7 +9,8 @@ import json
 
 import numpy as np
 
-from ..utils import atomic_write_text
+from bdh_mlx.storage.files import atomic_write_text
+
 from .common import CHUNK_SIZE, KINDS, as_bytes, stream_activations
 from .graphs import graph_summary
 from .plots import plot_degrees, plot_sparsity, plot_synapse_series, png_data_uri

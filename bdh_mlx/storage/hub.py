@@ -8,7 +8,7 @@ Downloads go through ``huggingface_hub.snapshot_download`` into the standard Hug
 import contextlib
 from pathlib import Path
 
-from .errors import CheckpointError
+from bdh_mlx.errors import CheckpointError
 
 MODEL_FILE = "model.npz"
 CONFIG_FILE = "config.json"

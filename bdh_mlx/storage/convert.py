@@ -13,11 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import ArgumentParser, number_in, positive_int, run_command
-from .checkpoint import ROPE_FREQS_KEY, check_finite, check_weights, read_checkpoint, save_weights, weight_shapes
-from .errors import BDHError, CheckpointError
-from .model import BDHConfig, rope_frequencies
-from .utils import atomic_write
+from bdh_mlx.arguments import ArgumentParser, number_in, positive_int, run_command
+from bdh_mlx.errors import BDHError, CheckpointError
+from bdh_mlx.model.bdh import BDHConfig, rope_frequencies
+from bdh_mlx.storage.checkpoint import (
+    ROPE_FREQS_KEY,
+    check_finite,
+    check_weights,
+    read_checkpoint,
+    save_weights,
+    weight_shapes,
+)
+from bdh_mlx.storage.files import atomic_write
 
 COMPILE_PREFIX = "_orig_mod."  # torch.compile prefixes every key with this
 FREQS_KEY = "attn.freqs"  # the official RoPE buffer: a constant, recomputed by the model

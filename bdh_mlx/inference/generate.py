@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .arguments import (
+from bdh_mlx.arguments import (
     ArgumentParser,
     add_dtype_argument,
     non_negative_float,
@@ -26,13 +26,13 @@ from .arguments import (
     run_command,
     seed_int,
 )
-from .cache import BDHCache
-from .checkpoint import load
-from .errors import BDHError
-from .model import BDH
-from .sample_utils import make_logits_processors, make_sampler
-from .template import apply_template, end_of_response
-from .utils import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.errors import BDHError
+from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
+from bdh_mlx.inference.template import apply_template, end_of_response
+from bdh_mlx.model.bdh import BDH
+from bdh_mlx.model.cache import BDHCache
+from bdh_mlx.storage.checkpoint import load
+from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 
 DEFAULT_PREFILL_CHUNK = 512
 

@@ -9,8 +9,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from . import __version__, blas
-from .arguments import ArgumentParser, number_in, positive_int, run_command
+from bdh_mlx import __version__, blas
+from bdh_mlx.arguments import ArgumentParser, number_in, positive_int, run_command
 
 REFERENCE_BLAS = "mlx_cpu.libs/libblas"  # the reference BLAS that the stock mlx[cpu] wheel links
 

@@ -25,12 +25,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import train
-from .arguments import ArgumentParser, add_batch_arguments, non_negative_float, number_in, positive_int, run_command
-from .data import BatchSampler, open_dataset
-from .errors import ConfigError, DataError
-from .model import ATTENTION_FORMS
-from .template import ALPACA_TEMPLATE, format_prompt, history_text
+from bdh_mlx.arguments import (
+    ArgumentParser,
+    add_batch_arguments,
+    non_negative_float,
+    number_in,
+    positive_int,
+    run_command,
+)
+from bdh_mlx.errors import ConfigError, DataError
+from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
+from bdh_mlx.model.bdh import ATTENTION_FORMS
+from bdh_mlx.training import train
+from bdh_mlx.training.data import BatchSampler, open_dataset
 
 PROG = "bdh-mlx finetune"
 CONTEXT_HEADER = "\n\n**Context:**\n"

@@ -26,8 +26,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import blas, checkpoint
-from .arguments import (
+from bdh_mlx import blas
+from bdh_mlx.arguments import (
     ArgumentParser,
     add_batch_arguments,
     non_negative_float,
@@ -37,12 +37,13 @@ from .arguments import (
     run_command,
     seed_int,
 )
-from .data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
-from .errors import BDHError, ConfigError
-from .evaluate import add_eval_arguments, evaluate, next_byte_inputs, next_byte_loss
-from .model import ATTENTION_FORMS, BDH, PRESETS, BatchShare, BDHConfig
-from .run_folder import RunFolder
-from .utils import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.errors import BDHError, ConfigError
+from bdh_mlx.model.bdh import ATTENTION_FORMS, BDH, PRESETS, BatchShare, BDHConfig
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.training.data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus
+from bdh_mlx.training.evaluate import add_eval_arguments, evaluate, next_byte_inputs, next_byte_loss
+from bdh_mlx.training.run_folder import RunFolder
 
 PROG = "bdh-mlx train"
 DEFAULT_PRESET = "25m"
@@ -382,7 +383,7 @@ def sample_text(model: BDH, args) -> str:
 
     An instruction-tuned model's sample ends at its end-of-response marker, as ``chat`` would end it.
     """
-    from .generate import generate
+    from bdh_mlx.inference.generate import generate
 
     template = model.config.prompt_template
     key = random_key()

@@ -8,11 +8,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import BDHError, CheckpointError
-from .hub import resolve_checkpoint
-from .model import BDH, BDHConfig, rope_frequencies
-from .quantize import quantized_weight_shapes
-from .utils import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
+from bdh_mlx.errors import BDHError, CheckpointError
+from bdh_mlx.model.bdh import BDH, BDHConfig, rope_frequencies
+from bdh_mlx.model.quantized import quantized_weight_shapes
+from bdh_mlx.storage.files import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
+from bdh_mlx.storage.hub import resolve_checkpoint
 
 CONFIG_KEY = "__bdh_config__"
 FORMAT_KEY = "__bdh_format__"

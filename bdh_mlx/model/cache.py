@@ -6,8 +6,8 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .errors import CheckpointError
-from .utils import NpzReader, atomic_savez
+from bdh_mlx.errors import CheckpointError
+from bdh_mlx.storage.files import NpzReader, atomic_savez
 
 _OFFSET_KEY = "offset"
 KEPT_WRITES = 16  # writes kept aside while decoding before they are added to S: see model.recurrent_attention_step

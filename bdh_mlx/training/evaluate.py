@@ -10,8 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import checkpoint
-from .arguments import (
+from bdh_mlx.arguments import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_SIZE,
     ArgumentParser,
@@ -19,10 +18,11 @@ from .arguments import (
     positive_int,
     run_command,
 )
-from .data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
-from .hub import resolve_checkpoint
-from .model import BDH
-from .utils import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.model.bdh import BDH
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
+from bdh_mlx.storage.hub import resolve_checkpoint
+from bdh_mlx.training.data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
 
 
 def next_byte_loss(model: BDH, batch) -> mx.array:

@@ -19,9 +19,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import checkpoint
-from .errors import CheckpointError, ConfigError
-from .utils import atomic_savez, atomic_write, atomic_write_text, read_npz
+from bdh_mlx.errors import CheckpointError, ConfigError
+from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.files import atomic_savez, atomic_write, atomic_write_text, read_npz
 
 RUN_FILES = ("run.json", "last.json", "metrics.jsonl", "last.npz", "best.npz")
 

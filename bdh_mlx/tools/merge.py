@@ -10,10 +10,10 @@ per-neuron frequencies, saved in its checkpoint.
 
 import mlx.core as mx
 
-from . import checkpoint
-from .arguments import ArgumentParser, run_command
-from .errors import ConfigError
-from .model import BDH, BDHConfig
+from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.errors import ConfigError
+from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.storage import checkpoint
 
 PROG = "bdh-mlx merge"
 MUST_MATCH = ("n_layer", "n_embd", "n_head", "vocab_size")

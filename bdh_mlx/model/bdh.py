@@ -23,10 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_step
-from .cache import BDHCache, LayerState
-from .errors import BDHError, ConfigError
-from .quantize import QuantizedWeight, check_quantization, make_quantized_weights
+from bdh_mlx.errors import BDHError, ConfigError
+from bdh_mlx.inference import cpu_kernel as cpu_step
+from bdh_mlx.model.cache import BDHCache, LayerState
+from bdh_mlx.model.quantized import QuantizedWeight, check_quantization, make_quantized_weights
 
 ATTENTION_FORMS = ("auto", "parallel", "chunked")
 ROPE_THETA = 65536.0

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import DataError
-from .utils import atomic_write
+from bdh_mlx.errors import DataError
+from bdh_mlx.storage.files import atomic_write
 
 VAL_FRACTION = 0.1
 GLOB_CHARS = "*?["

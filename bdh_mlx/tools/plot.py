@@ -3,10 +3,10 @@
 import sys
 from pathlib import Path
 
-from .arguments import ArgumentParser, run_command
-from .errors import ConfigError, DataError
-from .run_folder import RunFolder
-from .utils import atomic_write, make_dirs
+from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.errors import ConfigError, DataError
+from bdh_mlx.storage.files import atomic_write, make_dirs
+from bdh_mlx.training.run_folder import RunFolder
 
 
 def read_metrics(run_dir) -> list:

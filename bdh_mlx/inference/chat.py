@@ -8,11 +8,11 @@ multi-turn ``messages`` examples. ``/reset`` forgets them; an empty line is skip
 
 import sys
 
-from .arguments import ArgumentParser, add_dtype_argument, positive_int, run_command
-from .checkpoint import load
-from .generate import add_sampling_arguments, sampling_options, stream_generate
-from .template import end_of_response, format_prompt, history_text, stored_template
-from .utils import COMPUTE_DTYPES
+from bdh_mlx.arguments import ArgumentParser, add_dtype_argument, positive_int, run_command
+from bdh_mlx.inference.generate import add_sampling_arguments, sampling_options, stream_generate
+from bdh_mlx.inference.template import end_of_response, format_prompt, history_text, stored_template
+from bdh_mlx.storage.checkpoint import load
+from bdh_mlx.storage.files import COMPUTE_DTYPES
 
 PROG = "bdh-mlx chat"
 

@@ -9,12 +9,20 @@ import json
 import shutil
 from pathlib import Path
 
-from .arguments import ArgumentParser, run_command
-from .checkpoint import read_checkpoint
-from .errors import DataError
-from .hub import CARD_FILE, CONFIG_FILE, MODEL_FILE, hub_errors, looks_like_path, parse_repo_id, resolve_checkpoint
-from .plot import read_metrics
-from .utils import atomic_write, atomic_write_text
+from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.errors import DataError
+from bdh_mlx.storage.checkpoint import read_checkpoint
+from bdh_mlx.storage.files import atomic_write, atomic_write_text
+from bdh_mlx.storage.hub import (
+    CARD_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    hub_errors,
+    looks_like_path,
+    parse_repo_id,
+    resolve_checkpoint,
+)
+from bdh_mlx.tools.plot import read_metrics
 
 PROG = "bdh-mlx upload"
 PLOTS_DIR = "plots"
@@ -147,7 +155,7 @@ A [Baby Dragon Hatchling (BDH)]({PAPER}) language model over bytes, trained with
 def prepare_upload_folder(checkpoint, folder, repo_id: str, run_dir=None, license: str = "mit",
                           datasets=()) -> list:
     """Write model.npz (unchanged), config.json, README.md (and plots/ with a run) into ``folder``; returns paths."""
-    from .plot import plot_run
+    from bdh_mlx.tools.plot import plot_run
 
     source = resolve_checkpoint(checkpoint)
     config, _ = read_checkpoint(source)

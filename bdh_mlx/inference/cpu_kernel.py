@@ -15,8 +15,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from .cache import LayerState
-from .quantize import QuantizedWeight
+from bdh_mlx.model.cache import LayerState
+from bdh_mlx.model.quantized import QuantizedWeight
 
 LN_EPS = 1e-5  # model.LN_EPS (tested equal)
 

@@ -4,7 +4,7 @@
 ``generate --instruction`` and ``chat`` wrap text exactly as the model saw it and stop at ``end``.
 """
 
-from .errors import ConfigError
+from bdh_mlx.errors import ConfigError
 
 # The Alpaca layout without its one-sentence preamble (~100 bytes that byte-level models would pay for on every
 # example), and an end-of-response marker that ordinary text does not contain.
