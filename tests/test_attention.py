@@ -320,3 +320,25 @@ def test_one_token_steps_in_training_mode_keep_dropout():
     model(mx.array([[1, 2, 3]]), cache=cache)
     a, b = (model(mx.array([[4]]), cache=cache.copy())[0] for _ in range(2))
     assert not np.array_equal(np.array(a), np.array(b))
+
+
+@pytest.mark.parametrize("attention", ["parallel", "chunked"])
+def test_masked_padding_writes_nothing_and_is_not_attended(attention):
+    """Left padding under ``mask`` (with positions shifted back by the cache's offset) leaves the real
+    tokens' logits and the state exactly as without it."""
+    model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0,
+                          attention=attention, chunk_size=4)).eval()
+    idx = mx.array([[5, 17, 99, 3, 250, 7, 42]])
+    pad = 3
+    plain_cache = model.make_cache(1)
+    want, _ = model(idx, cache=plain_cache)
+    padded_cache = model.make_cache(1)
+    padded_cache.offset = mx.array([-pad], dtype=mx.int32)
+    padded = mx.concatenate([mx.array([[200] * pad]), idx], axis=1)
+    mask = mx.array([[False] * pad + [True] * idx.shape[1]])
+    got, _ = model(padded, cache=padded_cache, mask=mask)
+    np.testing.assert_allclose(np.array(got[:, pad:]), np.array(want), atol=1e-5)
+    for a, b in zip(padded_cache.states, plain_cache.states, strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+    unmasked, _ = model(padded, cache=model.make_cache(1))
+    assert not np.allclose(np.array(unmasked[:, pad:]), np.array(want), atol=1e-3)  # the mask is what makes it equal

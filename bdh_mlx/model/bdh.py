@@ -366,15 +366,15 @@ def matmul(x, w):
     return w(x) if isinstance(w, QuantizedWeight) else x @ w
 
 
-def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop, share=None):
+def sparse_neurons(v, encoder, encoder_v, decoder, keys, cos, sin, attend, p_drop, share=None, mask=None):
     """The N-wide part of a layer for the heads of ``encoder``: ``(u before its LN, x, y, attention state)``.
 
     v: (B, 1, T, D); decoder: the rows of these heads; ``keys``: their dropout keys (None: no dropout).
     ``attend(qr, v) -> (out, state)`` is the attention form. A pure function of its arrays, so it can
-    be recomputed in the backward pass.
+    be recomputed in the backward pass. ``mask`` (B, 1, T, 1): 0 at padding, whose values are not written.
     """
     x = relu(matmul(v, encoder))  # (B, nh, T, N)
-    read, state = attend(rope(x, cos, sin), v)
+    read, state = attend(rope(x, cos, sin), v if mask is None else v * mask)
     u, y = fire(x, layer_norm(read), encoder_v, decoder, keys, p_drop, share)  # a = LN(read): (B, nh, T, D)
     return u, x, y, state
 
@@ -475,7 +475,7 @@ class BDH(nn.Module):
     ``rope_frequencies(N)``).
     """
 
-    def __init__(self, config: BDHConfig, rope_freqs=None):
+    def __init__(self, config: BDHConfig, rope_freqs=None, compute_dtype=mx.float32):
         super().__init__()
         self.config = config
         D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
@@ -493,11 +493,10 @@ class BDH(nn.Module):
         self._freqs = rope_frequencies(N) if rope_freqs is None else mx.array(rope_freqs, dtype=mx.float32)
         if self._freqs.shape != (N,):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
-        self.compute_dtype = mx.float32
+        self.compute_dtype = compute_dtype
         self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
         self.cpu_kernel = True  # on the CPU in float32, decode with numpy's BLAS (cpu_step.py)
         self._encoder_v_rows = DerivedWeight()  # see encoder_v_rows
-        self.batch_share: BatchShare | None = None  # data-parallel training: this process's rows (dropout)
 
     def encoder_v_rows(self, dtype):
         """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step.
@@ -540,11 +539,14 @@ class BDH(nn.Module):
         fn = partial(neurons, keys=None if keys is None else keys[head])
         return recompute_in_backward(fn, v, encoder[head], encoder_v[head], decoder[h * N : (h + 1) * N])
 
-    def __call__(self, idx, targets=None, cache: BDHCache | None = None, activations: list | None = None):
+    def __call__(self, idx, targets=None, cache: BDHCache | None = None, activations: list | None = None,
+                 mask=None, share: BatchShare | None = None):
         """Logits (B, T, V) and the mean cross-entropy against ``targets`` (or None).
 
         With ``cache``, the tokens continue what the cache has seen, and advance it.
         With ``activations`` (a list), each layer appends ``{"x": x, "y": y}`` (B, nh, T, N).
+        ``mask`` (B, T): False (0) at padding positions, which write nothing into the state and are not
+        attended to. ``share``: this process's rows of a data-parallel batch (dropout masks).
         """
         c = self.config
         B, T = idx.shape
@@ -564,7 +566,9 @@ class BDH(nn.Module):
         weights = (encoder, encoder_v, decoder)
         v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
         layer_step = None  # a one-token step for inference, or the step of ``attend``
-        if form == "step" and not self.training and activations is None:
+        if mask is not None:
+            mask = mx.array(mask).astype(dtype)[:, None, :, None]
+        if form == "step" and not self.training and activations is None and mask is None:
             if self.cpu_kernel and cpu_step.applies(weights, dtype):
                 layer_step = cpu_step.layer_step
             elif self.sparse_step_density > 0 and not isinstance(self.encoder_v, QuantizedWeight):
@@ -573,7 +577,7 @@ class BDH(nn.Module):
             state = None if cache is None else cache.layers[layer]
             attend = partial(self.attend, form, state=state)
             keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
-            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=self.batch_share)
+            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=share, mask=mask)
             if recompute:
                 v = residual(v, sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head)))
             elif layer_step is not None:

@@ -25,10 +25,10 @@ from bdh_mlx.storage.hub import resolve_checkpoint
 from bdh_mlx.training.data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
 
 
-def next_byte_loss(model: BDH, batch) -> mx.array:
-    """Mean next-byte cross-entropy of a (B, T + 1) batch of bytes."""
+def next_byte_loss(model: BDH, batch, share=None) -> mx.array:
+    """Mean next-byte cross-entropy of a (B, T + 1) batch of bytes (``share``: see ``BDH.__call__``)."""
     batch = batch.astype(mx.int32)
-    return model(batch[:, :-1], batch[:, 1:])[1]
+    return model(batch[:, :-1], batch[:, 1:], share=share)[1]
 
 
 def next_byte_inputs(batch: np.ndarray) -> np.ndarray:

@@ -257,11 +257,11 @@ def pack(examples: list, template: dict, block_size: int, what: str = "") -> np.
     return np.stack(rows)
 
 
-def response_loss(model, batch) -> mx.array:
+def response_loss(model, batch, share=None) -> mx.array:
     """Mean cross-entropy over the target bytes (mask 1) of a (B, 2, T + 1) batch of bytes and masks."""
     batch = batch.astype(mx.int32)
     tokens, weights = batch[:, 0], batch[:, 1, 1:]
-    logits, _ = model(tokens[:, :-1])
+    logits, _ = model(tokens[:, :-1], share=share)
     losses = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="none")
     return (losses * weights).sum() / mx.maximum(weights.sum(), 1)
 

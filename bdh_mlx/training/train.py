@@ -496,10 +496,11 @@ class Trainer:
         else:
             mx.random.seed(args.seed + 1)  # dropout's stream, apart from the one that initialised the weights
         self.saved_step = self.start if resume_state is not None else None
+        train_loss = loss
         if self.world > 1:  # each process's dropout masks: its rows of the masks of the whole batch
             rows = args.batch_size // self.world
-            model.batch_share = BatchShare(self.rank * rows, args.batch_size)
-        self.step_fn, self.state = make_train_step(model, self.optimizer, args.grad_accum, args.grad_clip, loss,
+            train_loss = partial(loss, share=BatchShare(self.rank * rows, args.batch_size))
+        self.step_fn, self.state = make_train_step(model, self.optimizer, args.grad_accum, args.grad_clip, train_loss,
                                                    self.group if self.world > 1 else None)
         self.tokens_per_step = args.grad_accum * args.batch_size * args.block_size
         self.meter = LossMeter(self.tokens_per_step)
