@@ -5,7 +5,7 @@
     python benchmarks/generate_speed.py --sparsity-of checkpoints_mlx/small-pydoc/best.npz --contexts 256
 
 Decoding is timed side by side with four steps: "dense" and "sparse" are the step the model takes on this
-device (on the CPU in float32, the numpy kernel of ``cpu_step.py``), "MLX dense" and "MLX sparse" the one of
+device (on the CPU in float32, the numpy kernel of ``inference/cpu_kernel.py``), "MLX dense" and "MLX sparse" the one of
 MLX operations that other devices take. The sparse steps (S, encoder_v and the decoder read only at the
 neurons that fire) are forced here whatever the density, so the crossover shows; "speedup" is dense / sparse,
 and "bound" the most it can be in memory moved: the bytes the dense step moves over the sparse step's
@@ -38,6 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bdh_mlx import load
+from bdh_mlx.inference.engines import CPUKernel, MLXDense, MLXSparse, choose_engine
 from bdh_mlx.inference.generate import generate_step, prefill
 from bdh_mlx.model.bdh import BDH, BDHConfig
 from bdh_mlx.model.cache import KEPT_WRITES
@@ -108,26 +109,31 @@ def moved_bytes(model, cache, x_fraction=None, pair_fraction=None) -> int:
     )
 
 
-STEPS = {  # name: (model.cpu_kernel, model.sparse_step_density)
-    "MLX dense": (False, 0.0),
-    "MLX sparse": (False, 1.0),
-    "dense": (True, 0.0),
-    "sparse": (True, 1.0),
-}
+def step_engines(dtype) -> dict:
+    """Name: decoding engine, the sparse ones taken whatever the density. "dense" and "sparse" are the CPU
+    kernel's where it applies (the CPU in float32), MLX's elsewhere."""
+    fast = CPUKernel if mx.default_device() == mx.cpu and dtype == mx.float32 else MLXSparse
+    return {"MLX dense": MLXDense(), "MLX sparse": MLXSparse(1.0), "dense": fast(0.0), "sparse": fast(1.0)}
 
 
 def step_seconds(model, cache, token, n_tokens, repeats):
-    """Seconds per token of each of ``STEPS``, the sparse ones taken whatever the density, and of a "copy"
-    (``copy_seconds``); the best of ``repeats`` runs, taken in turns. Where the CPU kernel does not apply,
-    "dense" and "sparse" are MLX's."""
-    default = model.cpu_kernel, model.sparse_step_density
-    best = dict.fromkeys([*STEPS, "copy"], float("inf"))
+    """Seconds per token with each of ``step_engines``, and of a "copy" (``copy_seconds``); the best of
+    ``repeats`` runs, taken in turns."""
+    best = {"copy": float("inf")}
+    models = {name: with_engine(model, engine) for name, engine in step_engines(model.compute_dtype).items()}
     for _ in range(repeats):
-        for name, (model.cpu_kernel, model.sparse_step_density) in STEPS.items():
-            best[name] = min(best[name], decode_seconds_per_token(model, cache, token, n_tokens, 1))
+        for name, stepping in models.items():
+            seconds = decode_seconds_per_token(stepping, cache, token, n_tokens, 1)
+            best[name] = min(best.get(name, seconds), seconds)
         best["copy"] = min(best["copy"], *(copy_seconds() for _ in range(3)))
-    model.cpu_kernel, model.sparse_step_density = default
     return best
+
+
+def with_engine(model, engine):
+    """A model with ``model``'s weights (the same arrays), config and compute dtype, decoding with ``engine``."""
+    other = BDH(model.config, compute_dtype=model.compute_dtype, engine=engine)
+    other.update(model.parameters())
+    return other.eval()
 
 
 def with_density(model, density, seed=0):
@@ -216,7 +222,8 @@ def main():
     config = BDHConfig.from_preset(args.preset, dropout=0.0)
     for density in [None, *args.densities]:
         mx.random.seed(0)
-        model = BDH(config).set_compute_dtype(COMPUTE_DTYPES[args.dtype])
+        dtype = COMPUTE_DTYPES[args.dtype]
+        model = BDH(config, compute_dtype=dtype, engine=choose_engine(config, dtype))
         if density is not None:
             with_density(model, density)
         model.eval()

@@ -46,7 +46,7 @@ def eager_step(model, optimizer):
 
 def measure(make_step, config, dtype, batches, warmup):
     mx.random.seed(0)
-    model = BDH(config).set_compute_dtype(dtype)
+    model = BDH(config, compute_dtype=dtype)
     optimizer = make_optimizer(optimizer_args())
     optimizer.init(model.trainable_parameters())
     step = make_step(model, optimizer)

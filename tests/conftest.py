@@ -32,3 +32,13 @@ def assert_close(got, want, what, tol=FP32_TOL):
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     diff = float(np.abs(got - want).max()) if got.size else 0.0
     assert np.allclose(got, want, atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"
+
+
+def with_engine(model, engine, compute_dtype=None):
+    """A model with ``model``'s config and weights (the same arrays), in its mode, decoding with ``engine``."""
+    from bdh_mlx.model.bdh import BDH
+
+    other = BDH(model.config, rope_freqs=model._freqs, engine=engine,
+                compute_dtype=model.compute_dtype if compute_dtype is None else compute_dtype)
+    other.update(model.parameters())
+    return other.train(model.training)

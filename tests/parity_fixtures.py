@@ -21,9 +21,9 @@ def read_fixture(name: str) -> dict:
     return arrays
 
 
-def fixture_model(fixture: dict, **overrides) -> BDH:
+def fixture_model(fixture: dict, compute_dtype=mx.float32, **overrides) -> BDH:
     """An MLX BDH in eval mode with the fixture's config and weights."""
-    model = BDH(BDHConfig.from_dict({**fixture["config"], **overrides}))
+    model = BDH(BDHConfig.from_dict({**fixture["config"], **overrides}), compute_dtype=compute_dtype)
     model.load_weights([(k, mx.array(fixture[k])) for k in WEIGHT_NAMES], strict=True)
     model.eval()
     return model

@@ -4,21 +4,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import FP32_TOL, assert_close
+from conftest import FP32_TOL, assert_close, with_engine
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
+from bdh_mlx.inference.engines import CPUKernel, MLXSparse, firing_rows
 from bdh_mlx.inference.generate import prefill
-from bdh_mlx.model.bdh import (
-    BDH,
-    BDHConfig,
-    chunked_attention,
-    firing_rows,
-    parallel_attention,
-    recurrent_attention_step,
-    take_rows,
-)
-from bdh_mlx.model.cache import KEPT_WRITES, LayerState
+from bdh_mlx.model.bdh import BDH, BDHConfig, chunked_attention, parallel_attention, recurrent_attention_step
+from bdh_mlx.model.cache import KEPT_WRITES, LayerState, take_rows
 
 TOL = FP32_TOL
 
@@ -103,15 +96,15 @@ def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density,
     the firing neurons' rows) and the dense one give the parallel form's logits, with MLX operations (the
     step of other devices) and with the CPU kernel (numpy)."""
     import bdh_mlx.inference.cpu_kernel as cpu_step
-    import bdh_mlx.model.bdh as model_module
+    import bdh_mlx.inference.engines as engines
 
     taken = []
-    monkeypatch.setattr(model_module, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))
+    monkeypatch.setattr(engines, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))
     take = cpu_step.take_rows
     monkeypatch.setattr(cpu_step, "take_rows", lambda m, rows, name: taken.append(name) or take(m, rows, name))
     idx = mx.random.randint(0, 256, (2, 50), key=mx.random.key(3))
-    model = tiny_model(attention="parallel")
-    model.sparse_step_density, model.cpu_kernel = density, cpu_kernel
+    engine = CPUKernel(density) if cpu_kernel else MLXSparse(density) if density else None
+    model = with_engine(tiny_model(attention="parallel"), engine)
     cache = model.make_cache(2)
     steps = [prefill(model, idx[:, :10], cache, chunk_size=4)[:, None]]
     for t in range(10, idx.shape[1] - 1):
@@ -266,14 +259,14 @@ def test_decoding_steps_add_kept_writes_in_place():
 def test_sparse_decoding_in_bfloat16_follows_the_dense_step():
     """Computing in bf16, the sparse step (its encoder_v rows made in bf16) gives the dense step's logits."""
     idx = mx.random.randint(0, 256, (1, 30), key=mx.random.key(4))
-    model = tiny_model().set_compute_dtype(mx.bfloat16)
+    engines = {density: MLXSparse(density) for density in (0.0, 1.0)}
     logits = {}
-    for density in (0.0, 1.0):
-        model.sparse_step_density = density
+    for density, engine in engines.items():
+        model = with_engine(tiny_model(), engine, compute_dtype=mx.bfloat16)
         cache = model.make_cache(1)
         prefill(model, idx[:, :5], cache, chunk_size=8)
         logits[density] = mx.concatenate([model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 30)], axis=1)
-    assert model.encoder_v_rows(mx.bfloat16).dtype == mx.bfloat16
+    assert engines[0.0].rows.value is None and engines[1.0].rows.value.dtype == mx.bfloat16
     want = np.array(tiny_model()(idx)[0][:, 5:])  # float32, parallel; logits of about 0.5
     for density, got in logits.items():
         np.testing.assert_allclose(np.array(got), want, atol=1e-2, err_msg=f"density {density}")
@@ -285,11 +278,14 @@ def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
     in place (an ablation), so that sparse decoding always uses the current weights."""
     from mlx.utils import tree_flatten
 
-    model = tiny_model()
     idx = mx.random.randint(0, 256, (1, 12), key=mx.random.key(8))
-    model(idx[:, :1], cache=model.make_cache(1))  # about 75% of pairs fire: the dense step
-    assert model._encoder_v_rows.value is None  # a dense model never makes the copy
-    model.sparse_step_density = 1.0
+    dense = with_engine(tiny_model(), MLXSparse())
+    dense(idx[:, :1], cache=dense.make_cache(1))  # about 75% of pairs fire: the dense step
+    assert dense.engine.rows.value is None  # a dense model never makes the copy
+    model = with_engine(dense, MLXSparse(1.0))
+
+    def rows():
+        return model.engine.encoder_v_rows(model.encoder_v, mx.float32)
 
     def decoded():
         cache = model.make_cache(1)
@@ -298,15 +294,15 @@ def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
         assert_close(steps, model(idx)[0][:, 4:], "sparse decoding against the full forward pass")
 
     decoded()
-    first = model.encoder_v_rows(mx.float32)
-    assert first is model.encoder_v_rows(mx.float32)  # kept
+    first = rows()
+    assert first is rows()  # kept
     names = {k for k, _ in tree_flatten(model.state)}
     assert not any("encoder_v_rows" in n for n in names), names
     model.encoder_v = model.encoder_v * 2  # replaced
-    np.testing.assert_array_equal(np.array(model.encoder_v_rows(mx.float32)), 2 * np.array(first))
+    np.testing.assert_array_equal(np.array(rows()), 2 * np.array(first))
     decoded()
     model.encoder_v[:, :, :40] = 0  # edited in place: the same Python object
-    assert not np.array(model.encoder_v_rows(mx.float32))[:, :40].any()
+    assert not np.array(rows())[:, :40].any()
     decoded()
     model.encoder_v += 1
     decoded()
@@ -314,8 +310,7 @@ def test_the_sparse_step_copy_of_encoder_v_stays_out_of_the_model_state():
 
 def test_one_token_steps_in_training_mode_keep_dropout():
     """The sparse step is for inference: in training mode a cached one-token step still drops out."""
-    model = tiny_model(dropout=0.5).train()
-    model.sparse_step_density = 1.0
+    model = with_engine(tiny_model(dropout=0.5), MLXSparse(1.0)).train()
     cache = model.make_cache(1)
     model(mx.array([[1, 2, 3]]), cache=cache)
     a, b = (model(mx.array([[4]]), cache=cache.copy())[0] for _ in range(2))

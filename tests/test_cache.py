@@ -105,10 +105,9 @@ def test_stack_keeps_each_row_at_its_own_position(model, idx):
 
 
 def test_bf16_compute_keeps_the_cache_in_float32(model, idx):
-    bf16 = BDH(model.config)
+    bf16 = BDH(model.config, compute_dtype=mx.bfloat16)
     bf16.update(model.parameters())
     bf16.eval()
-    bf16.set_compute_dtype(mx.bfloat16)
     cache = bf16.make_cache(2)
     logits, _ = bf16(idx[:, :20], cache=cache)
     step, _ = bf16(idx[:, 20:21], cache=cache)

@@ -3,14 +3,15 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, with_engine
 
 import bdh_mlx.inference.cpu_kernel as cpu_step
 import bdh_mlx.model.bdh as model_module
+from bdh_mlx import quantize
+from bdh_mlx.inference.engines import CPUKernel, MLXDense, MLXSparse, choose_engine, data_address
 from bdh_mlx.inference.generate import prefill
-from bdh_mlx.model.bdh import BDH, BDHConfig, data_address
+from bdh_mlx.model.bdh import BDH, BDHConfig
 from bdh_mlx.model.cache import KEPT_WRITES
-from bdh_mlx.model.quantized import quantize
 
 TOL = 1e-5
 
@@ -26,8 +27,9 @@ def small_model(silent_heads=()):
 
 
 def decode(model, idx, cpu_kernel, density, start=6):
-    """Logits of tokens ``start`` and on, one at a time after a prefill, and the cache at the end."""
-    model.cpu_kernel, model.sparse_step_density = cpu_kernel, density
+    """Logits of tokens ``start`` and on, one at a time after a prefill, and the cache at the end: with the CPU
+    kernel, or MLX's step (sparse below ``density``)."""
+    model = with_engine(model, CPUKernel(density) if cpu_kernel else MLXSparse(density))
     cache = model.make_cache(idx.shape[0])
     prefill(model, idx[:, :start], cache, chunk_size=4)
     steps = []
@@ -66,48 +68,44 @@ def test_kernel_equals_the_full_forward_pass():
         assert_close(got, model(idx)[0][:, 1:], f"against the parallel form, density {density}", tol=1e-4)
 
 
-def test_kernel_is_taken_on_the_cpu_in_float32_only(monkeypatch):
+def test_kernel_is_chosen_on_the_cpu_in_float32_only(monkeypatch):
     calls = []
     step = cpu_step.layer_step
     monkeypatch.setattr(cpu_step, "layer_step", lambda *a: calls.append(1) or step(*a))
-    model = small_model()
+    config = small_model().config
+    assert isinstance(choose_engine(config, mx.float32, mx.cpu), CPUKernel)
+    assert type(choose_engine(config, mx.bfloat16, mx.cpu)) is MLXSparse
+    assert type(choose_engine(config, mx.float32, mx.gpu)) is MLXSparse
+    model = with_engine(small_model(), choose_engine(config, mx.float32, mx.cpu))
     idx = mx.array([[1, 2]])
     model(idx[:, :1], cache=model.make_cache(1))
     assert len(calls) == 3  # one per layer
-    model.cpu_kernel = False
-    model(idx[:, :1], cache=model.make_cache(1))
-    model.cpu_kernel = True
-    model.set_compute_dtype(mx.bfloat16)(idx[:, :1], cache=model.make_cache(1))
-    model.set_compute_dtype(mx.float32)
+    with_engine(model, MLXSparse())(idx[:, :1], cache=model.make_cache(1))
     model.train()(idx[:, :1], cache=model.make_cache(1))  # training mode: MLX's step, with dropout if any
     assert len(calls) == 3
-    weights = (model.encoder, model.encoder_v, model.decoder)
-    assert cpu_step.applies(weights, mx.float32)
-    assert not cpu_step.applies(weights, mx.bfloat16)
-    assert not cpu_step.applies((model.encoder.astype(mx.bfloat16), *weights[1:]), mx.float32)
     quantized = quantize(small_model(), bits=8, group_size=32)
-    assert not cpu_step.applies((quantized.encoder, quantized.encoder_v, quantized.decoder), mx.float32)
+    assert type(quantized.engine) is MLXDense
+    assert type(choose_engine(quantized.config, mx.float32, mx.cpu)) is MLXDense
 
 
 def test_kernel_continues_a_state_left_by_the_mlx_step():
     """The MLX step adds its kept writes to S when the next token comes; the kernel does it on the way out,
     and takes over a state holding a full set of kept writes."""
     idx = mx.random.randint(0, 256, (1, 30), key=mx.random.key(3))
-    model = small_model()
-    model.cpu_kernel = False
+    model = with_engine(small_model(), MLXSparse())
     cache = model.make_cache(1)
     model(idx[:, :1], cache=cache)
     for t in range(1, KEPT_WRITES):
         model(idx[:, t : t + 1], cache=cache)
     assert cache.layers[0].m == KEPT_WRITES
-    model.cpu_kernel = True
+    model = with_engine(model, CPUKernel())
     steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(KEPT_WRITES, 30)]
     assert cache.layers[0].m == 30 - KEPT_WRITES  # added to S first: 14 kept since
     assert_close(mx.concatenate(steps, axis=1), model(idx)[0][:, KEPT_WRITES:], "after the MLX step", tol=1e-4)
 
 
 def test_kernel_adds_kept_writes_to_s_in_place():
-    model = small_model()
+    model = with_engine(small_model(), CPUKernel())
     cache = model.make_cache(1)
     prefill(model, mx.array([[3, 4, 5]]), cache, chunk_size=4)
     address = data_address(cache.layers[0].S)
@@ -121,7 +119,6 @@ def test_kernel_adds_kept_writes_to_s_in_place():
 def test_numpy_helpers_equal_the_model_functions():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(3, 64)).astype(np.float32) * 4 + 1
-    assert cpu_step.LN_EPS == model_module.LN_EPS
     assert_close(cpu_step.layer_norm(z), model_module.layer_norm(mx.array(z)), "layer norm", tol=TOL)
     cos, sin = (np.asarray(a) for a in model_module.rope_cos_sin(mx.array([7]), model_module.rope_frequencies(64)))
     assert_close(cpu_step.rope(z, cos, sin), model_module.rope(mx.array(z), mx.array(cos), mx.array(sin)), "rope",

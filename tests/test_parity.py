@@ -68,7 +68,7 @@ def test_rope_frequencies(fixture):
 
 def test_bf16_compute(fixture):
     name, f = fixture
-    model = fixture_model(f).set_compute_dtype(mx.bfloat16)
+    model = fixture_model(f, compute_dtype=mx.bfloat16)
     activations = []
     logits, loss = model(*fixture_inputs(f), activations=activations)
     assert logits.dtype == mx.float32 and loss.dtype == mx.float32

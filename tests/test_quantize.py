@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from bdh_mlx import BDH, BDHConfig, BDHError, CheckpointError, cli, load, quantize, save
+from bdh_mlx.inference.engines import MLXDense, MLXSparse
 from bdh_mlx.model.quantized import QuantizedWeight
 from bdh_mlx.storage.checkpoint import model_weights, read_checkpoint, save_weights
 
@@ -134,8 +135,8 @@ def greedy(model, prompt: bytes, n: int) -> bytes:
 def test_a_quantized_model_decodes_with_the_dense_step_whatever_the_density():
     """Quantized weights have no rows to gather: decoding one byte at a time still equals the full pass."""
     mx.random.seed(2)
-    model = quantize(BDH(BDHConfig.from_preset("tiny", dropout=0.0)), bits=8, group_size=32)
-    model.sparse_step_density = 1.0
+    model = quantize(BDH(BDHConfig.from_preset("tiny", dropout=0.0), engine=MLXSparse(1.0)), bits=8, group_size=32)
+    assert isinstance(model.engine, MLXDense)  # chosen again by quantize, whatever the model had
     idx = mx.random.randint(0, 256, (1, 10), key=mx.random.key(3))
     cache = model.make_cache(1)
     steps = mx.concatenate([model(idx[:, t : t + 1], cache=cache)[0] for t in range(10)], axis=1)

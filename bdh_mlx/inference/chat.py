@@ -30,9 +30,8 @@ def build_parser():
 
 
 def run(args):
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, compute_dtype=COMPUTE_DTYPES[args.dtype])
     template, stop = stored_template(model), end_of_response(model)
-    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"{PROG}: type a message and press Enter; /reset forgets the conversation, Ctrl-D quits",

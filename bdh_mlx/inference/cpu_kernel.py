@@ -7,7 +7,7 @@ runs here: numpy reads the weights and the state through zero-copy views of the 
 first; nothing is written through them), and the writes stay MLX operations on ``LayerState``'s kept
 writes, so the cache is the same as the MLX step's. It is sparse-aware per head: where a head's x
 fires on few RoPE pairs, S is read at those pairs' rows only, and encoder_v and the decoder at the
-firing neurons' rows only (``sparse_neurons_step`` does the same with MLX operations on other devices).
+firing neurons' rows only (``engines.MLXSparse`` does the same with MLX operations on other devices).
 """
 
 import threading
@@ -15,16 +15,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
+from bdh_mlx.model.bdh import LN_EPS
 from bdh_mlx.model.cache import LayerState
-from bdh_mlx.model.quantized import QuantizedWeight
-
-LN_EPS = 1e-5  # model.LN_EPS (tested equal)
-
-
-def applies(weights, dtype) -> bool:
-    """Whether this kernel can run the step: on the CPU, computing in float32 with float32 weights."""
-    return (mx.default_device() == mx.cpu and dtype == mx.float32
-            and all(not isinstance(w, QuantizedWeight) and w.dtype == mx.float32 for w in weights))
 
 
 def layer_norm(z):
@@ -64,7 +56,7 @@ def take_rows(matrix, rows, name):
 
 
 def layer_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_density, encoder_v_rows):
-    """``sparse_neurons_step`` in numpy: ``(the layer's output, state)`` for one token of every batch row.
+    """``engines.MLXSparse.layer`` in numpy: ``(the layer's output, state)`` for one token of every batch row.
 
     A head runs sparse when, in every batch row, at most ``max_density`` of its RoPE pairs fire; then
     ``encoder_v_rows()`` (encoder_v as (nh, N, D)) gives the neurons' rows of encoder_v.

@@ -329,16 +329,16 @@ def run(args):
     """Prefill the prompt, save the state if asked, then decode: prompt and text to stdout, statistics to stderr."""
     if args.input is not None and args.instruction is None:
         raise BDHError("--input goes with --instruction")
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, compute_dtype=COMPUTE_DTYPES[args.dtype])
+    stop = list(args.stop)
     if args.instruction is not None:  # a fine-tuned model: its own template, up to its end-of-response marker
         prompt = apply_template(model, args.instruction, args.input).encode("utf-8", errors="surrogateescape")
-        args.stop = [*args.stop, end_of_response(model)]
+        stop.append(end_of_response(model))
     elif args.prompt == "-":
         prompt = sys.stdin.buffer.read()
     else:
         prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     tokens = encode_prompt(prompt, model.config.vocab_size)
-    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
     cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
     if args.instruction is None:  # an instruction's answer is printed alone
         sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
@@ -356,7 +356,7 @@ def run(args):
         cache=cache,
         prompt_logits=logits,
         seed=args.seed,
-        stop=args.stop,
+        stop=stop,
     )
 
 

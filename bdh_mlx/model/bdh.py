@@ -14,7 +14,6 @@ Names here and in the official ``bdh.py``:
     u     yMLP       concat_heads(x * y) @ decoder, LN'd: (B, 1, T, D)
 """
 
-import ctypes
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -24,11 +23,11 @@ import mlx.nn as nn
 import numpy as np
 
 from bdh_mlx.errors import BDHError, ConfigError
-from bdh_mlx.inference import cpu_kernel as cpu_step
 from bdh_mlx.model.cache import BDHCache, LayerState
-from bdh_mlx.model.quantized import QuantizedWeight, check_quantization, make_quantized_weights
+from bdh_mlx.model.limits import ATTENTION_FORMS, check_config  # noqa: F401  (re-exported)
+from bdh_mlx.model.quantized import QuantizedWeight, make_quantized_weights
+from bdh_mlx.model.recompute import recompute_in_backward
 
-ATTENTION_FORMS = ("auto", "parallel", "chunked")
 ROPE_THETA = 65536.0
 LN_EPS = 1e-5
 
@@ -40,22 +39,6 @@ PRESETS = {
     "25m": dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=128),
     "100m": dict(n_layer=6, n_embd=512, n_head=8, mlp_internal_dim_multiplier=128),
 }
-
-# Sane upper bounds: far above any real model, low enough that a crafted config cannot hang or overflow.
-SIZE_LIMITS = {
-    "n_layer": 1024,
-    "n_embd": 65536,
-    "n_head": 1024,
-    "mlp_internal_dim_multiplier": 65536,
-    "vocab_size": 2**20,
-    "chunk_size": 2**20,
-}
-MAX_PARAMETERS = 2**34
-
-
-def _describe_int(value: int) -> str:
-    return str(value) if value.bit_length() <= 64 else f"about 2**{int(value).bit_length() - 1}"
-
 
 @dataclass
 class BDHConfig:
@@ -73,37 +56,7 @@ class BDHConfig:
     prompt_template: dict | None = None  # set by ``bdh-mlx finetune``: see ``template.py``
 
     def __post_init__(self):
-        for name, limit in SIZE_LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-            if value > limit:
-                raise ConfigError(f"{name} must be at most {limit:,}, got {_describe_int(value)}")
-            setattr(self, name, int(value))
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.number)) or not 0 <= dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.dropout = float(self.dropout)
-        if self.attention not in ATTENTION_FORMS:
-            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, got {self.attention!r}")
-        if self.n_neurons < 2 or self.n_neurons % 2:
-            raise ConfigError(
-                f"mlp_internal_dim_multiplier * n_embd // n_head must be even and positive for RoPE, "
-                f"got {self.n_neurons}"
-            )
-        if self.num_parameters > MAX_PARAMETERS:
-            raise ConfigError(
-                f"the config has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
-            )
-        self.quantization = check_quantization(self.quantization, self.n_embd, self.n_neurons)
-        if self.prompt_template is not None:
-            keys = ("prompt", "prompt_input", "end")
-            if not isinstance(self.prompt_template, dict) or not all(
-                isinstance(self.prompt_template.get(k), str) for k in keys
-            ):
-                raise ConfigError(
-                    f"prompt_template must map {', '.join(keys)} to strings, got {self.prompt_template!r}"
-                )
+        check_config(self)  # bounds that a crafted config cannot pass: see limits.py
 
     @property
     def n_neurons(self) -> int:
@@ -181,10 +134,7 @@ def rope(z, cos, sin):
 
 @rope.vjp
 def _rope_vjp(primals, cotangent, output):
-    """R_t is a rotation of each pair (they share a phase), so its transpose is R_{-t}: rope with -sin.
-
-    Cheaper in memory than differentiating the pair shuffle. cos and sin are constants: no gradient.
-    """
+    """R_t rotates each pair, so its transpose is R_{-t}: rope with -sin (cos and sin are constants)."""
     z, cos, sin = primals
     return rope(cotangent, cos, -sin), mx.zeros_like(cos), mx.zeros_like(sin)
 
@@ -202,74 +152,18 @@ def parallel_attention(qr, v):
 
 
 def recurrent_attention_step(qr, v, state: LayerState, rows=None):
-    """One token: out = qr S (read before writing), then S += outer(qr, v). State in float32.
+    """One token: out = qr S (read before writing), then S += outer(qr, v), in float32 (``LayerState``).
 
-    Memory-bound, so the writes are kept aside (``LayerState``): the whole state is S + Q^T V over the
-    last m tokens, and the read is qr S + (qr Q^T) V. Every ``KEPT_WRITES`` tokens they are added to S by
-    one rank-K BLAS update, in place when nothing else holds S. Per token S is read once, and read and
-    written once per K tokens, where a rank-1 update would read it three times and write it once.
-    ``rows`` (B, nh, R): read S only at these rows, where qr is non-zero (``firing_rows``).
+    ``rows`` (B, nh, R): read S only at these rows, where qr is non-zero (the sparse decoding engine).
     Not traceable (``mx.compile``, ``mx.grad``): the cached one-token form is for decoding only.
     """
-    q = qr.astype(mx.float32)
-    state = state.with_room()
-    written = state.kept(q, v.astype(mx.float32))  # Q written first: the old Q has no other user (in place)
-    out = (q @ written.Q.swapaxes(-1, -2)) @ state.V  # V before the write: the token itself is excluded
-    S = state.S
-    out = out + (q @ S if rows is None else mx.take_along_axis(q, rows[..., None, :], axis=-1) @ take_rows(S, rows))
-    return out.astype(qr.dtype), written
-
-
-def take_rows(matrix, rows):
-    """``matrix[b, h, rows[b, h]]`` as (B, nh, R, D): of a state (B, nh, N, D), or of weights (nh, N, D).
-
-    One ``take`` of whole rows from the matrix seen as 2-D: contiguous copies (a ``take_along_axis`` of the
-    same rows runs about 10x slower on CPU).
-    """
-    B, nh, R = rows.shape
-    *_, N, D = matrix.shape
-    batch = mx.arange(B)[:, None, None] if matrix.ndim == 4 else 0
-    flat = (batch * nh + mx.arange(nh)[None, :, None]) * N + rows
-    return mx.take(matrix.reshape(-1, D), flat.reshape(-1), axis=0).reshape(B, nh, R, D)
-
-
-# Above this fraction of firing RoPE pairs the dense step is faster. Measured at 25m (generate_speed.py
-# --densities), sparse / dense time with MLX's steps: 0.40 at 5% of pairs firing, 0.53 at 10%, 0.80 at 19%,
-# 1.07 at 27%; with the CPU kernel's (cpu_step.py): 0.62 at 10%, 0.99 at 19%, 0.93 at 27%, 1.07 at 36%.
-SPARSE_STEP_DENSITY = 0.2
-
-
-def firing_rows(x, max_density: float):
-    """Where one token's x fires, per batch row and head: ``(rows, neurons)``, each (B, nh, R), or None.
-
-    ``rows``: the neurons of the RoPE pairs (2i, 2i+1) with an entry of x non-zero; qr = R_t(x) is zero on
-    the other pairs, so only these rows of S are read. ``neurons``: those with x non-zero, the only ones
-    where x y can be. Heads with fewer are padded with silent ones (their terms are zero) to a multiple of
-    32, so that arrays come in a few sizes only, which MLX's allocator reuses (a new size each token costs
-    fresh memory pages: measured 1.5x slower at 25m). None when more than ``max_density`` of the pairs
-    fire somewhere: the dense step is then faster.
-    """
-    pairs = mx.maximum(x[..., 0, 0::2], x[..., 0, 1::2]) > 0  # (B, nh, N / 2); x >= 0
-    fired = x[..., 0, :] > 0
-    n_pairs, n_neurons = mx.stack([pairs.sum(axis=-1).max(), fired.sum(axis=-1).max()]).tolist()
-    if n_pairs > max_density * pairs.shape[-1]:
-        return None
-
-    def first(k, firing):  # indices of the firing entries first, k of them
-        k = min(max(-(-k // 32) * 32, 1), firing.shape[-1])
-        return mx.argpartition((~firing).astype(mx.uint8), kth=k - 1, axis=-1)[..., :k]
-
-    pair = first(n_pairs, pairs)
-    rows = mx.stack([2 * pair, 2 * pair + 1], axis=-1).reshape(*pair.shape[:2], -1)
-    return rows, first(n_neurons, fired)
+    out, state = state.read_then_write(qr.astype(mx.float32), v.astype(mx.float32), rows)
+    return out.astype(qr.dtype), state
 
 
 def _chunk_group(q, val, state):
-    """Chunks (B, nh, G, C, N) at once: masked parallel inside each, the state before each across them.
-
-    The state before each chunk is the state given (or none) plus an exclusive cumulative sum of what
-    each chunk writes, in float32: two (B, nh, G, N, D) tensors.
-    """
+    """Chunks (B, nh, G, C, N) at once: masked parallel inside each; the state before each is the state given
+    (or none) plus an exclusive cumulative sum of what each chunk writes, in float32."""
     written = (q.swapaxes(-1, -2) @ val).astype(mx.float32)  # (B, nh, G, N, D)
     before = mx.cumsum(written, axis=2, inclusive=False)
     if state is not None:
@@ -286,16 +180,11 @@ def chunks_per_group(n_chunks: int) -> int:
 def chunked_attention(qr, v, state, chunk_size, group=None):
     """Masked parallel inside each chunk of C tokens, the carried state S (B, nh, N, D) across chunks.
 
-    O(T N D + T C N) time instead of O(T^2 N). ``state`` may be None (empty).
-    Chunks go in groups of ``group`` (default ``chunks_per_group``): all chunks of a group at once,
-    the state carried from group to group; each group is recomputed in the backward pass, which keeps
-    only the state entering it. Memory per batch row and head, in float32 besides the inputs and
-    outputs: 2 G N D while a group runs (its writes and the states before its chunks; 3 G N D when a
-    state is given) + (n_chunks / G) N D kept for the backward pass
-    + G C^2 (its masked scores); about 2 sqrt(2 n_chunks) N D in all, where computing every chunk at
-    once would take 2 n_chunks N D (25m, T 2048, C 256: 64 MiB against 128 MiB per head).
-    Groups are split with ``mx.split``, whose backward pass concatenates: no full-size gradient per group.
-    Returns the output and the state after the last token.
+    O(T N D + T C N) time instead of O(T^2 N). ``state`` may be None (empty). Returns the output and the
+    state after the last token. Chunks go in groups of ``group`` (default ``chunks_per_group``), all chunks
+    of a group at once, the state carried from group to group; each group is recomputed in the backward
+    pass, which keeps only the state entering it: about 2 sqrt(2 n_chunks) N D floats per row and head in
+    all, where every chunk at once would take 2 n_chunks N D (25m, T 2048, C 256: 64 against 128 MiB).
     """
     B, nh, T, N = qr.shape
     C = min(chunk_size, T)
@@ -325,10 +214,8 @@ CHUNKED_FLOP_COST = 1.5  # measured: per flop, the chunked form runs about 1.5x 
 def parallel_is_faster(T: int, N: int, D: int, chunk_size: int) -> bool:
     """The cost model of ``attention="auto"``: parallel T^2 (N + D) flops against chunked T (C (N + D) + 2 N D).
 
-    Per head: the parallel form multiplies T x N by N x T and T x T by T x D; the chunked form does
-    the same inside chunks of C and writes and reads an N x D state per chunk. Measured at 25m
-    (N 8192, D 256; forward of one head, 2 cores): parallel and chunked (C 256) take 146 / 218 ms at
-    T 512, 537 / 621 at 1024, 2008 / 1046 at 2048: the switch is at T ~ 1100 (1.5 (C + 2 N D / (N + D))).
+    Measured at 25m (N 8192, D 256; one head's forward, 2 cores): parallel / chunked (C 256) take 146 / 218 ms
+    at T 512, 537 / 621 at 1024, 2008 / 1046 at 2048: the switch is at T ~ 1100 (1.5 (C + 2 N D / (N + D))).
     """
     return T * (N + D) <= CHUNKED_FLOP_COST * (chunk_size * (N + D) + 2 * N * D)
 
@@ -393,89 +280,18 @@ def fire(x, a, encoder_v, decoder, keys=None, p_drop=0.0, share=None):
     return matmul(xy, per_head).sum(axis=1, keepdims=True), y
 
 
-def sparse_neurons_step(v, encoder, encoder_v, decoder, cos, sin, state: LayerState, max_density, encoder_v_rows):
-    """``sparse_neurons`` for one token through the cache, reading only the rows of the neurons that fire.
-
-    x needs the whole encoder; then, when few RoPE pairs fire (``firing_rows``), S is read at the rows of
-    the firing pairs, and encoder_v (its columns, as rows of ``encoder_v_rows()`` (nh, N, D), asked for only
-    then) and the decoder at the firing neurons only: the same sums without their zero terms. Otherwise
-    the dense step.
-    Returns ``(the layer's output, state)``: ``residual(v, u)``.
-    """
-    x = relu(matmul(v, encoder))  # (B, nh, 1, N)
-    firing = firing_rows(x, max_density)
-    read, state = recurrent_attention_step(rope(x, cos, sin), v, state, None if firing is None else firing[0])
-    a = layer_norm(read)
-    if firing is None:
-        return residual(v, fire(x, a, encoder_v, decoder)[0]), state
-    rows = encoder_v_rows()
-    nh, N, D = rows.shape
-    neurons = firing[1]
-    x = mx.take_along_axis(x, neurons[..., None, :], axis=-1)  # (B, nh, 1, R)
-    weights = take_rows(rows, neurons).swapaxes(-1, -2), take_rows(decoder.reshape(nh, N, D), neurons)
-    return residual(v, fire(x, a, *weights)[0]), state
-
-
-def recompute_in_backward(fn, *inputs):
-    """``fn(*inputs)[0]``, keeping only the inputs: ``fn`` is recomputed in the backward pass.
-
-    Like mx.checkpoint, but the first input's gradient is passed on only once the others' are taken,
-    while the recomputed activations are alive; otherwise every call's N-wide gradients wait for the end.
-    """
-
-    def output(*inputs):
-        return fn(*inputs)[0]
-
-    @mx.custom_function
-    def checkpointed(*inputs):
-        return output(*inputs)
-
-    @checkpointed.vjp
-    def checkpointed_vjp(primals, cotangent, _):
-        primals = mx.depends(list(primals), cotangent)  # recompute only when the backward pass gets here
-        _, (first, *rest) = mx.vjp(output, primals, [cotangent])
-        return (mx.depends(first, rest), *rest)
-
-    return checkpointed(*inputs)
-
-
-@dataclass
-class DerivedWeight:
-    """An array made from a weight (``value``), valid while the weight's data is where it was then.
-
-    ``source`` is a view of the weight: it shares its buffer, so an in-place edit of the weight
-    (``model.encoder_v[..., j] = 0``, ``+=``) cannot write into that buffer and moves the weight's data;
-    a replaced weight has other data too. A plain object, not an array, dict, list or tuple, so
-    ``nn.Module`` keeps it out of ``model.state``: it is neither saved nor traced by the training step.
-    """
-
-    def __init__(self):
-        self.source = self.value = None
-
-    def get(self, weight, make, dtype):
-        """``make(weight)`` in ``dtype``, made again only when ``weight``'s data has moved (or for another dtype)."""
-        if self.source is None or data_address(self.source) != data_address(weight) or self.value.dtype != dtype:
-            self.source, self.value = None, None  # let go of the old ones first
-            self.source = weight.reshape(-1)
-            self.value = make(weight).astype(dtype)
-            mx.eval(self.source, self.value)
-        return self.value
-
-
-def data_address(a) -> int:
-    """Where the data of ``a`` is in memory (evaluates it)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a)))
-
-
 class BDH(nn.Module):
     """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
 
     ``model(idx, targets=None, cache=None) -> (logits, loss)``. ``rope_freqs`` (N,): per-neuron RoPE
     frequencies, for merged models whose neurons keep the ones they were trained with (default
-    ``rope_frequencies(N)``).
+    ``rope_frequencies(N)``). ``compute_dtype``: the dtype of the computation (the weights keep their own).
+    ``engine``: computes the one-token layer through a cache while decoding (``bdh_mlx.inference.engines``;
+    ``bdh_mlx.load`` picks the fastest for the device, dtype and weights). None: ``layer`` below, the
+    equations as written.
     """
 
-    def __init__(self, config: BDHConfig, rope_freqs=None, compute_dtype=mx.float32):
+    def __init__(self, config: BDHConfig, rope_freqs=None, compute_dtype=mx.float32, engine=None):
         super().__init__()
         self.config = config
         D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
@@ -486,7 +302,7 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
-        if config.quantization is not None:  # inference only: see quantize.py
+        if config.quantization is not None:  # inference only: see quantized.py
             for name, weight in make_quantized_weights(config).items():
                 setattr(self, name, weight)
         # A constant: the leading "_" keeps it out of parameters().
@@ -494,20 +310,7 @@ class BDH(nn.Module):
         if self._freqs.shape != (N,):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
         self.compute_dtype = compute_dtype
-        self.sparse_step_density = SPARSE_STEP_DENSITY  # 0: always the dense decoding step
-        self.cpu_kernel = True  # on the CPU in float32, decode with numpy's BLAS (cpu_step.py)
-        self._encoder_v_rows = DerivedWeight()  # see encoder_v_rows
-
-    def encoder_v_rows(self, dtype):
-        """encoder_v as (nh, N, D), each neuron's column a contiguous row, for the sparse decoding step.
-        Made the first time a token fires sparsely (a dense model never holds it), kept, and made again when
-        encoder_v changes (replaced, or edited in place)."""
-        return self._encoder_v_rows.get(self.encoder_v, lambda w: mx.contiguous(w.swapaxes(-1, -2)), dtype)
-
-    def set_compute_dtype(self, dtype):
-        """Compute in ``dtype`` (e.g. mx.bfloat16) while the weights keep their own dtype."""
-        self.compute_dtype = dtype
-        return self
+        self.engine = engine
 
     def make_cache(self, batch_size: int = 1) -> BDHCache:
         """An empty recurrent state: one (B, nh, N, D) float32 matrix per layer."""
@@ -533,11 +336,10 @@ class BDH(nn.Module):
             return out, LayerState(state)
         return parallel_attention(qr, v), None
 
-    def _recomputed_head(self, h, neurons, v, encoder, encoder_v, decoder, keys):
-        """Head h's ``neurons`` (its weights, decoder rows and dropout key), recomputed in the backward pass."""
-        N, head = self.config.n_neurons, slice(h, h + 1)
-        fn = partial(neurons, keys=None if keys is None else keys[head])
-        return recompute_in_backward(fn, v, encoder[head], encoder_v[head], decoder[h * N : (h + 1) * N])
+    def weights(self):
+        """encoder, encoder_v, decoder and lm_head in the compute dtype (quantized ones as they are)."""
+        return tuple(w if isinstance(w, QuantizedWeight) else w.astype(self.compute_dtype)
+                     for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head))
 
     def __call__(self, idx, targets=None, cache: BDHCache | None = None, activations: list | None = None,
                  mask=None, share: BatchShare | None = None):
@@ -548,53 +350,53 @@ class BDH(nn.Module):
         ``mask`` (B, T): False (0) at padding positions, which write nothing into the state and are not
         attended to. ``share``: this process's rows of a data-parallel batch (dropout masks).
         """
-        c = self.config
+        c, dtype = self.config, self.compute_dtype
         B, T = idx.shape
-        dtype = self.compute_dtype
         if self.training and c.quantization is not None:
-            raise BDHError("a quantized model is for inference only and cannot be trained; call model.eval()")
-        encoder, encoder_v, decoder, lm_head = (
-            w if isinstance(w, QuantizedWeight) else w.astype(dtype)
-            for w in (self.encoder, self.encoder_v, self.decoder, self.lm_head)
-        )
+            raise BDHError("a quantized model is for inference only and cannot be trained")
+        *weights, lm_head = self.weights()
         positions = mx.arange(T) if cache is None else cache.offset[:, None, None] + mx.arange(T)
         cos, sin = rope_cos_sin(positions, self._freqs, dtype)  # (T, N) or (B, 1, T, N)
-
-        form = self.attention_form(T, cache is not None)
-        # Long training sequences: one head at a time, recomputed in the backward pass (memory O(T N D)).
-        recompute = self.training and form == "chunked" and activations is None and cache is None
-        weights = (encoder, encoder_v, decoder)
-        v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
-        layer_step = None  # a one-token step for inference, or the step of ``attend``
         if mask is not None:
             mask = mx.array(mask).astype(dtype)[:, None, :, None]
-        if form == "step" and not self.training and activations is None and mask is None:
-            if self.cpu_kernel and cpu_step.applies(weights, dtype):
-                layer_step = cpu_step.layer_step
-            elif self.sparse_step_density > 0 and not isinstance(self.encoder_v, QuantizedWeight):
-                layer_step = sparse_neurons_step
-        for layer in range(c.n_layer):
-            state = None if cache is None else cache.layers[layer]
-            attend = partial(self.attend, form, state=state)
-            keys = random_keys(c.n_head) if self.training and c.dropout > 0 else None
-            neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=c.dropout, share=share, mask=mask)
-            if recompute:
-                v = residual(v, sum(self._recomputed_head(h, neurons, v, *weights, keys) for h in range(c.n_head)))
-            elif layer_step is not None:
-                v, cache.layers[layer] = layer_step(
-                    v, *weights, cos, sin, state, self.sparse_step_density, partial(self.encoder_v_rows, dtype)
-                )
+        form = self.attention_form(T, cache is not None)
+        step = self.engine if form == "step" and self.engine is not None and not self.training else None
+        recompute = self.training and form == "chunked" and cache is None and activations is None
+        p_drop = c.dropout if self.training else 0.0
+        v = layer_norm(self.embed(idx).astype(dtype))[:, None]  # (B, 1, T, D)
+        for i in range(c.n_layer):
+            state = None if cache is None else cache.layers[i]
+            if step is not None and activations is None and mask is None:
+                v, state = step.layer(v, weights, cos, sin, state, self.encoder_v)
             else:
-                u, x, y, state = neurons(v, *weights, keys)
-                if cache is not None:
-                    cache.layers[layer] = state
+                v, state, x, y = self.layer(v, weights, form, cos, sin, p_drop, state, share, mask, recompute)
                 if activations is not None:
                     activations.append({"x": x, "y": y})
-                v = residual(v, u)
+            if cache is not None:
+                cache.layers[i] = state
         logits = matmul(v[:, 0], lm_head).astype(mx.float32)  # (B, T, V)
-
         if cache is not None:
             cache.offset = cache.offset + T
         if targets is None:
             return logits, None
         return logits, nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+    def layer(self, v, weights, form, cos, sin, p_drop, state=None, share=None, mask=None, recompute=False):
+        """One layer, ``(its output LN(v + LN(u)), the attention state after it, x, y)``; v: (B, 1, T, D).
+
+        ``recompute``: one head at a time, each recomputed in the backward pass (long training sequences:
+        memory O(T N D)); x and y are then not kept (None).
+        """
+        keys = random_keys(self.config.n_head) if p_drop > 0 else None
+        attend = partial(self.attend, form, state=state)
+        neurons = partial(sparse_neurons, cos=cos, sin=sin, attend=attend, p_drop=p_drop, share=share, mask=mask)
+        if not recompute:
+            u, x, y, state = neurons(v, *weights, keys)
+            return residual(v, u), state, x, y
+        N = self.config.n_neurons
+        u = sum(
+            recompute_in_backward(partial(neurons, keys=None if keys is None else keys[h : h + 1]),
+                                  v, weights[0][h : h + 1], weights[1][h : h + 1], weights[2][h * N : (h + 1) * N])
+            for h in range(self.config.n_head)
+        )
+        return residual(v, u), None, None, None

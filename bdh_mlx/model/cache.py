@@ -10,7 +10,7 @@ from bdh_mlx.errors import CheckpointError
 from bdh_mlx.storage.files import NpzReader, atomic_savez
 
 _OFFSET_KEY = "offset"
-KEPT_WRITES = 16  # writes kept aside while decoding before they are added to S: see model.recurrent_attention_step
+KEPT_WRITES = 16  # writes kept aside while decoding before they are added to S: see LayerState.read_then_write
 
 
 class LayerState(NamedTuple):
@@ -42,12 +42,40 @@ class LayerState(NamedTuple):
             return LayerState(self.whole(), self.Q, mx.zeros_like(self.V), 0)
         return self
 
+    def read_then_write(self, q, v, rows=None) -> tuple:
+        """``(q (S + Q^T V), this state + outer(q, v))`` for one token: q (B, nh, 1, N), v (B, 1, 1, D), float32.
+
+        The whole state is read before the write (the token itself is excluded). Memory-bound, so the write
+        is kept aside (``kept``) and the read is q S + (q Q^T) V: per token S is read once, and read and
+        written once per ``KEPT_WRITES`` tokens, where a rank-1 update would read it three times and write
+        it once. ``rows`` (B, nh, R): read S only at these rows, where q is non-zero.
+        """
+        state = self.with_room()
+        written = state.kept(q, v)  # Q written first: the old Q has no other user (in place)
+        out = (q @ written.Q.swapaxes(-1, -2)) @ state.V  # V before the write: its row m is zero
+        if rows is None:
+            return out + q @ state.S, written
+        return out + mx.take_along_axis(q, rows[..., None, :], axis=-1) @ take_rows(state.S, rows), written
+
     def kept(self, q, v) -> "LayerState":
         """With one more write kept in row ``m``: q (B, nh, 1, N), v (B, 1, 1, D), float32. In place when
         nothing else holds Q and V."""
         at = mx.array([self.m])
         return LayerState(self.S, mx.slice_update(self.Q, q, at, axes=(2,)), mx.slice_update(self.V, v, at, axes=(2,)),
                           self.m + 1)
+
+
+def take_rows(matrix, rows):
+    """``matrix[b, h, rows[b, h]]`` as (B, nh, R, D): of a state (B, nh, N, D), or of weights (nh, N, D).
+
+    One ``take`` of whole rows from the matrix seen as 2-D: contiguous copies (a ``take_along_axis`` of the
+    same rows runs about 10x slower on CPU).
+    """
+    B, nh, R = rows.shape
+    *_, N, D = matrix.shape
+    batch = mx.arange(B)[:, None, None] if matrix.ndim == 4 else 0
+    flat = (batch * nh + mx.arange(nh)[None, :, None]) * N + rows
+    return mx.take(matrix.reshape(-1, D), flat.reshape(-1), axis=0).reshape(B, nh, R, D)
 
 
 class BDHCache:
@@ -69,9 +97,8 @@ class BDHCache:
 
     @property
     def states(self) -> list:
-        """Each layer's whole state S (B, nh, N, D); the kept writes are added in first."""
-        self.layers = [LayerState(layer.whole()) for layer in self.layers]
-        return [layer.S for layer in self.layers]
+        """Each layer's whole state S (B, nh, N, D), the kept writes added in (the cache is unchanged)."""
+        return [layer.whole() for layer in self.layers]
 
     @states.setter
     def states(self, states: list):

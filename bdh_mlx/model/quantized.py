@@ -15,15 +15,14 @@ In a checkpoint each becomes ``NAME.weight_q`` (uint32, ``32 / bits`` values per
 ``NAME.biases``; the config records ``quantization: {"bits", "group_size", "embedding"}``, so it stays
 self-describing and is loaded strictly like a float one.
 
-The command, ``bdh-mlx quantize``, is ``bdh_mlx.tools.quantize``.
+``quantize(model)`` and the command ``bdh-mlx quantize`` are in ``bdh_mlx.tools.quantize``.
 """
 
-from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from bdh_mlx.errors import BDHError, ConfigError
+from bdh_mlx.errors import ConfigError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -118,29 +117,3 @@ def make_quantized_weights(config) -> dict:
         name: (QuantizedEmbedding if name == "embed" else QuantizedWeight)(shape, q["group_size"], q["bits"])
         for name, shape in stored_shapes(config).items()
     }
-
-
-def quantize(model, bits: int = 4, group_size: int = 64, embedding: bool = False):
-    """Quantize ``model``'s encoder, encoder_v, decoder, lm_head (and embedding) in place; returns the model.
-
-    The model is then for inference only: it is put in eval mode, and a training forward pass is refused.
-    """
-    config = model.config
-    if config.quantization is not None:
-        raise BDHError(f"the model is already quantized ({config.quantization['bits']}-bit)")
-    config = replace(config, quantization={"bits": bits, "group_size": group_size, "embedding": embedding})
-    nh = config.n_head
-    stored = {
-        "encoder": model.encoder.swapaxes(-1, -2),
-        "encoder_v": model.encoder_v.swapaxes(-1, -2),
-        "decoder": model.decoder.reshape(nh, -1, config.n_embd).swapaxes(-1, -2),
-        "lm_head": model.lm_head.T,
-        "embed": model.embed.weight,
-    }
-    for name in stored_shapes(config):
-        kind = QuantizedEmbedding if name == "embed" else QuantizedWeight
-        setattr(model, name, kind.from_matrix(stored[name], group_size, bits))
-    model.config = config
-    mx.eval(model.parameters())
-    model.eval()
-    return model

@@ -9,6 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bdh_mlx.errors import BDHError, CheckpointError
+from bdh_mlx.inference.engines import choose_engine
 from bdh_mlx.model.bdh import BDH, BDHConfig, rope_frequencies
 from bdh_mlx.model.quantized import quantized_weight_shapes
 from bdh_mlx.storage.files import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
@@ -182,13 +183,17 @@ def read_checkpoint(path, **config_overrides):
     return config, weights
 
 
-def load(path, **config_overrides) -> BDH:
+def load(path, compute_dtype=mx.float32, engine="auto", **config_overrides) -> BDH:
     """A ready model, in eval mode, from one ``.npz`` checkpoint or Hub repo id (strict: every weight, right shapes).
 
+    ``compute_dtype``: what the model computes in (the weights stay float32). ``engine``: the decoding
+    engine (``bdh_mlx.inference.engines``); "auto" picks the fastest for the device, dtype and weights.
     Call ``model.train()`` before training it further (dropout is off in eval mode).
     """
     config, weights = read_checkpoint(path, **config_overrides)
-    model = BDH(config, rope_freqs=weights.pop(ROPE_FREQS_KEY, None))
+    if engine == "auto":
+        engine = choose_engine(config, compute_dtype)
+    model = BDH(config, rope_freqs=weights.pop(ROPE_FREQS_KEY, None), compute_dtype=compute_dtype, engine=engine)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model.eval()

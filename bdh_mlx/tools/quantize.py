@@ -1,12 +1,47 @@
-"""``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 64] [--embedding] --out Q.npz``."""
+"""Quantizing a model's weights to 4 or 8 bits (``quantize``), and ``bdh-mlx quantize``.
+
+``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 64] [--embedding] --out Q.npz``
+"""
 
 import os
+from dataclasses import replace
 from pathlib import Path
+
+import mlx.core as mx
 
 from bdh_mlx.arguments import ArgumentParser, run_command
 from bdh_mlx.errors import BDHError
-from bdh_mlx.model.quantized import quantize
+from bdh_mlx.inference.engines import choose_engine
+from bdh_mlx.model.quantized import QuantizedEmbedding, QuantizedWeight, stored_shapes
 from bdh_mlx.storage import checkpoint
+
+
+def quantize(model, bits: int = 4, group_size: int = 64, embedding: bool = False):
+    """Quantize ``model``'s encoder, encoder_v, decoder, lm_head (and embedding) in place; returns the model.
+
+    The model is then for inference only: it is put in eval mode, and a training forward pass is refused.
+    """
+    config = model.config
+    if config.quantization is not None:
+        raise BDHError(f"the model is already quantized ({config.quantization['bits']}-bit)")
+    config = replace(config, quantization={"bits": bits, "group_size": group_size, "embedding": embedding})
+    nh = config.n_head
+    stored = {
+        "encoder": model.encoder.swapaxes(-1, -2),
+        "encoder_v": model.encoder_v.swapaxes(-1, -2),
+        "decoder": model.decoder.reshape(nh, -1, config.n_embd).swapaxes(-1, -2),
+        "lm_head": model.lm_head.T,
+        "embed": model.embed.weight,
+    }
+    for name in stored_shapes(config):
+        kind = QuantizedEmbedding if name == "embed" else QuantizedWeight
+        setattr(model, name, kind.from_matrix(stored[name], group_size, bits))
+    model.config = config
+    model.engine = choose_engine(config, model.compute_dtype)  # quantized weights: the dense MLX step
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
 
 
 def build_parser():

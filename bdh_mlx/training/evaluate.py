@@ -112,16 +112,13 @@ def recorded_batch_shape(path: Path) -> dict:
 
 def run(args):
     path = resolve_checkpoint(args.checkpoint)
-    model = checkpoint.load(path)
-    model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
-    shape = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
-    for name, value in shape.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    cache_dir = args.cache_dir or default_cache_dir(path.resolve().parent)
-    corpus = load_corpus(args, cache_dir)
-    corpus.check_block_size(args.block_size)
-    batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
+    model = checkpoint.load(path, compute_dtype=COMPUTE_DTYPES[args.dtype])
+    recorded = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
+    block_size, batch_size = (recorded[name] if getattr(args, name) is None else getattr(args, name)
+                              for name in ("block_size", "batch_size"))
+    corpus = load_corpus(args, args.cache_dir or default_cache_dir(path.resolve().parent))
+    corpus.check_block_size(block_size)
+    batches = eval_batches(corpus.val, batch_size, block_size, args.eval_batches)
     metrics = evaluate(model, batches)
     x = " ".join(f"{s:.3f}" for s in metrics["sparsity_x"])
     y = " ".join(f"{s:.3f}" for s in metrics["sparsity_y"])

@@ -345,16 +345,17 @@ def model_config(args) -> BDHConfig:
 
 
 def build_model(args, resume_state, run: RunFolder) -> BDH:
+    dtype = COMPUTE_DTYPES[args.dtype]
     if resume_state is not None:
-        model = checkpoint.load(run.path / resume_state["model"])
+        model = checkpoint.load(run.path / resume_state["model"], compute_dtype=dtype)
     elif args.init_from is not None:
         if args.preset is not None:
             raise ConfigError("--preset and --init-from exclude each other: the checkpoint holds its config")
         overrides = {f: getattr(args, a) for a, f in MODEL_FLAGS.items() if getattr(args, a) is not None}
-        model = checkpoint.load(args.init_from, **overrides)
+        model = checkpoint.load(args.init_from, compute_dtype=dtype, **overrides)
     else:
         mx.random.seed(args.seed)
-        model = BDH(model_config(args))
+        model = BDH(model_config(args), compute_dtype=dtype)
         mx.eval(model.parameters())
     return model.train()
 
@@ -482,7 +483,6 @@ class Trainer:
         self.rank, self.world = self.group.rank(), self.group.size()
         self.writer = self.rank == 0
         self.saved_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-        model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
         self.optimizer = make_optimizer(args)
         self.optimizer.init(model.trainable_parameters())
         self.start, self.elapsed_before, self.best = 0, 0.0, {"val_loss": math.inf, "step": None}
