@@ -9,8 +9,8 @@ from bdh_mlx.inference.engines import choose_engine
 from bdh_mlx.inference.generate import batch_generate, generate, generate_step, stream_generate
 from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
 from bdh_mlx.inference.template import apply_template, end_of_response
-from bdh_mlx.model.bdh import BDH, PRESETS, BDHConfig
-from bdh_mlx.model.cache import BDHCache
+from bdh_mlx.model import BDH, PRESETS, BDHConfig
+from bdh_mlx.modeling.cache import BDHCache
 from bdh_mlx.storage.checkpoint import load, save
 from bdh_mlx.tools.merge import merge
 from bdh_mlx.tools.quantize import quantize

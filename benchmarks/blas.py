@@ -87,7 +87,7 @@ def mlx_worker(args):
     import mlx.core as mx
     from train_throughput import compiled_step, measure
 
-    from bdh_mlx.model.bdh import BDHConfig
+    from bdh_mlx.model import BDHConfig
 
     a, b = mx.random.normal((MATMUL_SIZE, MATMUL_SIZE)), mx.random.normal((MATMUL_SIZE, MATMUL_SIZE))
     matmul = best_rate(lambda: mx.eval(a @ b), 3, 2 * MATMUL_SIZE**3)
@@ -161,7 +161,7 @@ def torch_bdh(config):
 def torch_worker(args, compiled):
     import torch
 
-    from bdh_mlx.model.bdh import BDHConfig
+    from bdh_mlx.model import BDHConfig
 
     torch.manual_seed(0)
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
@@ -228,7 +228,7 @@ def main(argv=None):
         print(json.dumps(result))
         return
 
-    from bdh_mlx.model.bdh import BDHConfig
+    from bdh_mlx.model import BDHConfig
 
     config = BDHConfig.from_preset(args.preset, dropout=args.dropout)
     flops = step_flops(config, args.batch_size, args.block_size)

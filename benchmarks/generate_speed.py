@@ -40,8 +40,8 @@ from mlx.utils import tree_flatten
 from bdh_mlx import load
 from bdh_mlx.inference.engines import CPUKernel, MLXDense, MLXSparse, choose_engine
 from bdh_mlx.inference.generate import generate_step, prefill
-from bdh_mlx.model.bdh import BDH, BDHConfig
-from bdh_mlx.model.cache import KEPT_WRITES
+from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.modeling.cache import KEPT_WRITES
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 
 

@@ -16,7 +16,7 @@ import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before 
 import mlx.core as mx
 import mlx.nn as nn
 
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 
 
 def parallel_bytes(config, B, T, train):

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from bdh_mlx.model.bdh import BDH, PRESETS, BDHConfig
+from bdh_mlx.model import BDH, PRESETS, BDHConfig
 from bdh_mlx.training.train import loss_fn, make_optimizer, make_train_step
 
 

@@ -36,7 +36,7 @@ def assert_close(got, want, what, tol=FP32_TOL):
 
 def with_engine(model, engine, compute_dtype=None):
     """A model with ``model``'s config and weights (the same arrays), in its mode, decoding with ``engine``."""
-    from bdh_mlx.model.bdh import BDH
+    from bdh_mlx.model import BDH
 
     other = BDH(model.config, rope_freqs=model._freqs, engine=engine,
                 compute_dtype=model.compute_dtype if compute_dtype is None else compute_dtype)

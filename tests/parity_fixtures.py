@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 from conftest import WEIGHT_NAMES
 
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.npz"))

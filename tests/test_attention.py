@@ -8,10 +8,10 @@ from conftest import FP32_TOL, assert_close, with_engine
 from mlx.utils import tree_flatten
 from parity_fixtures import NAMES, fixture_inputs, fixture_model, read_fixture
 
-from bdh_mlx.inference.engines import CPUKernel, MLXSparse, firing_rows
+from bdh_mlx.inference.engines import CPUKernel, MLXDense, MLXSparse, firing_rows
 from bdh_mlx.inference.generate import prefill
-from bdh_mlx.model.bdh import BDH, BDHConfig, chunked_attention, parallel_attention, recurrent_attention_step
-from bdh_mlx.model.cache import KEPT_WRITES, LayerState, take_rows
+from bdh_mlx.model import BDH, BDHConfig, chunked_attention, parallel_attention, recurrent_attention_step
+from bdh_mlx.modeling.cache import KEPT_WRITES, LayerState, take_rows
 
 TOL = FP32_TOL
 
@@ -89,31 +89,41 @@ def test_model_forms_agree_at_1030_tokens(chunk_size):
     assert_close(chunked(idx[:, -1:], cache=cache)[0][:, 0], want[:, -1], "one step after the prefill")
 
 
-@pytest.mark.parametrize("cpu_kernel", [False, True])
-@pytest.mark.parametrize("density", [0.0, 1.0])
-def test_sparse_and_dense_decoding_equal_the_parallel_form(monkeypatch, density, cpu_kernel):
-    """40 tokens one by one after a prefill (two rows, kept writes added twice): the sparse step (reading only
-    the firing neurons' rows) and the dense one give the parallel form's logits, with MLX operations (the
-    step of other devices) and with the CPU kernel (numpy)."""
+ENGINES = {  # name: (engine, numpy row gathers per layer and token, firing_rows calls per layer and token)
+    "the equations (no engine)": (lambda: None, 0, 0),
+    "MLX dense": (MLXDense, 0, 0),
+    "MLX sparse, every token sparse": (lambda: MLXSparse(1.0), 0, 1),
+    "MLX sparse, dense above 0": (lambda: MLXSparse(0.0), 0, 0),
+    "CPU kernel, dense": (lambda: CPUKernel(0.0), 0, 0),
+    "CPU kernel, every head sparse": (lambda: CPUKernel(1.0), 2 * 2 * 3, 0),  # rows x heads x (S, encoder_v, decoder)
+}
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_decodes_as_the_parallel_form(monkeypatch, name):
+    """40 tokens one by one after a prefill (two rows, kept writes added twice): each decoding engine gives the
+    parallel form's logits; the sparse ones really read rows (with MLX operations, or numpy's on the CPU)."""
     import bdh_mlx.inference.cpu_kernel as cpu_step
     import bdh_mlx.inference.engines as engines
 
-    taken = []
-    monkeypatch.setattr(engines, "firing_rows", lambda x, d: taken.append(d) or firing_rows(x, d))
+    make, gathers, firing = ENGINES[name]
+    taken = {"gathers": 0, "firing": 0}
+    monkeypatch.setattr(engines, "firing_rows",
+                        lambda x, d: taken.update(firing=taken["firing"] + 1) or firing_rows(x, d))
     take = cpu_step.take_rows
-    monkeypatch.setattr(cpu_step, "take_rows", lambda m, rows, name: taken.append(name) or take(m, rows, name))
+    monkeypatch.setattr(cpu_step, "take_rows",
+                        lambda m, rows, what: taken.update(gathers=taken["gathers"] + 1) or take(m, rows, what))
     idx = mx.random.randint(0, 256, (2, 50), key=mx.random.key(3))
-    engine = CPUKernel(density) if cpu_kernel else MLXSparse(density) if density else None
-    model = with_engine(tiny_model(attention="parallel"), engine)
+    model = with_engine(tiny_model(attention="parallel"), make())
     cache = model.make_cache(2)
     steps = [prefill(model, idx[:, :10], cache, chunk_size=4)[:, None]]
     for t in range(10, idx.shape[1] - 1):
         logits, _ = model(idx[:, t : t + 1], cache=cache)
         mx.eval(logits, cache.state)
         steps.append(logits)
-    assert_close(mx.concatenate(steps, axis=1), model(idx[:, :-1])[0][:, 9:], f"token by token, density {density}")
-    per_layer = 2 * model.config.n_head * 3 if cpu_kernel else 1  # numpy: S, encoder_v, decoder per row and head
-    assert len(taken) == (39 * model.config.n_layer * per_layer if density else 0)
+    assert_close(mx.concatenate(steps, axis=1), model(idx[:, :-1])[0][:, 9:], f"token by token, {name}")
+    n_steps = 39 * model.config.n_layer
+    assert taken == {"gathers": n_steps * gathers, "firing": n_steps * firing}
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import generate_speed  # noqa: E402

@@ -6,8 +6,8 @@ import pytest
 from conftest import assert_close
 
 from bdh_mlx.errors import CheckpointError
-from bdh_mlx.model.bdh import BDH, BDHConfig
-from bdh_mlx.model.cache import BDHCache
+from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.modeling.cache import BDHCache
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from parity_fixtures import WEIGHT_NAMES, fixture_inputs, read_fixture
 import bdh_mlx
 from bdh_mlx import cli
 from bdh_mlx.errors import CheckpointError
-from bdh_mlx.model.bdh import BDHConfig
+from bdh_mlx.model import BDHConfig
 from bdh_mlx.storage import convert
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.convert import TORCH_MISSING, from_torch_state_dict, stored_model_args, to_torch_state_dict
@@ -238,7 +238,7 @@ def test_written_freqs_are_torch_own_for_large_n(torch_model):
     torch, _, _ = torch_model
     from make_fixtures import get_freqs
 
-    from bdh_mlx.model.bdh import rope_frequencies
+    from bdh_mlx.model import rope_frequencies
     from bdh_mlx.storage.convert import official_freqs
 
     n = 8192  # N of the 25m preset

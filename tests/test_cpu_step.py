@@ -6,12 +6,12 @@ import pytest
 from conftest import assert_close, with_engine
 
 import bdh_mlx.inference.cpu_kernel as cpu_step
-import bdh_mlx.model.bdh as model_module
+import bdh_mlx.model as model_module
 from bdh_mlx import quantize
 from bdh_mlx.inference.engines import CPUKernel, MLXDense, MLXSparse, choose_engine, data_address
 from bdh_mlx.inference.generate import prefill
-from bdh_mlx.model.bdh import BDH, BDHConfig
-from bdh_mlx.model.cache import KEPT_WRITES
+from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.modeling.cache import KEPT_WRITES
 
 TOL = 1e-5
 

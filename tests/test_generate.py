@@ -22,7 +22,7 @@ from bdh_mlx.inference.generate import (
     stream_generate,
 )
 from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage import checkpoint
 
 TOL = FP32_TOL

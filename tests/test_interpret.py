@@ -23,7 +23,7 @@ from bdh_mlx.interpret import (
     synapse_series,
     synapse_state,
 )
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage import checkpoint
 
 SQRT7 = math.sqrt(7)  # LN of a one-hot vector of width 8, at its hot entry

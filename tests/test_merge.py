@@ -6,7 +6,7 @@ import pytest
 
 import bdh_mlx
 from bdh_mlx.errors import CheckpointError, ConfigError
-from bdh_mlx.model.bdh import BDH, BDHConfig, rope_frequencies
+from bdh_mlx.model import BDH, BDHConfig, rope_frequencies
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.checkpoint import ROPE_FREQS_KEY, read_checkpoint
 from bdh_mlx.storage.convert import mlx_to_torch

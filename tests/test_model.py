@@ -6,9 +6,9 @@ import pytest
 from conftest import WEIGHT_NAMES
 from mlx.utils import tree_flatten
 
+import bdh_mlx.model as model_module
 from bdh_mlx import BDH, PRESETS, BDHConfig, ConfigError
-from bdh_mlx.model import bdh as model_module
-from bdh_mlx.model.bdh import dropout, random_keys
+from bdh_mlx.model import dropout, random_keys
 from bdh_mlx.storage.checkpoint import weight_shapes
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from bdh_mlx import BDH, BDHConfig, BDHError, CheckpointError, cli, load, quantize, save
 from bdh_mlx.inference.engines import MLXDense, MLXSparse
-from bdh_mlx.model.quantized import QuantizedWeight
+from bdh_mlx.modeling.quantized import QuantizedWeight
 from bdh_mlx.storage.checkpoint import model_weights, read_checkpoint, save_weights
 
 

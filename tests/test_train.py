@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_RUN
 from mlx.utils import tree_flatten
 
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.training import train
 from bdh_mlx.training.data import BatchSampler

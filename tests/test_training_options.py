@@ -12,7 +12,7 @@ from conftest import TINY_RUN
 from mlx.utils import tree_flatten
 
 from bdh_mlx.errors import CheckpointError
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.training import evaluate, train
 from bdh_mlx.training.run_folder import RunFolder, link_or_copy

@@ -15,8 +15,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from bdh_mlx.model.bdh import LN_EPS
-from bdh_mlx.model.cache import LayerState
+from bdh_mlx.model import LN_EPS
+from bdh_mlx.modeling.cache import LayerState
 
 
 def layer_norm(z):

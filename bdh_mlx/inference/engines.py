@@ -19,8 +19,8 @@ import ctypes
 import mlx.core as mx
 
 from bdh_mlx.inference import cpu_kernel
-from bdh_mlx.model.bdh import fire, layer_norm, matmul, recurrent_attention_step, relu, residual, rope
-from bdh_mlx.model.cache import LayerState, take_rows
+from bdh_mlx.model import fire, layer_norm, matmul, recurrent_attention_step, relu, residual, rope
+from bdh_mlx.modeling.cache import LayerState, take_rows
 
 # Above this fraction of firing RoPE pairs the dense step is faster. Measured at 25m (generate_speed.py
 # --densities), sparse / dense time with MLX's steps: 0.40 at 5% of pairs firing, 0.53 at 10%, 0.80 at 19%,

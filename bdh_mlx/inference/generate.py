@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
@@ -29,8 +30,8 @@ from bdh_mlx.arguments import (
 from bdh_mlx.errors import BDHError
 from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
 from bdh_mlx.inference.template import apply_template, end_of_response
-from bdh_mlx.model.bdh import BDH
-from bdh_mlx.model.cache import BDHCache
+from bdh_mlx.model import BDH
+from bdh_mlx.modeling.cache import BDHCache
 from bdh_mlx.storage.checkpoint import load
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 
@@ -104,6 +105,18 @@ def _prefill_rows(model, prompts, cache, chunk_size, progress):
     return mx.concatenate(logits, axis=0)
 
 
+def _sample(sampler, logits_processors, logits, history, key):
+    """``(tokens, logprobs, the next key)``: the processors applied to ``logits``, then the sampler (with a
+    split of ``key``, when sampling with explicit keys)."""
+    for process in logits_processors:
+        logits = process(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if key is None:
+        return sampler(logprobs), logprobs, None
+    key, subkey = mx.random.split(key)
+    return sampler(logprobs, key=subkey), logprobs, key
+
+
 def _batch_steps(
     model: BDH,
     prompts: list,
@@ -133,15 +146,7 @@ def _batch_steps(
     width = max(map(len, prompts))
     history = mx.array([[p[0]] * (width - len(p)) + p for p in prompts], dtype=mx.int32)
 
-    def sample(logits, history, key):
-        for process in logits_processors:
-            logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if key is None:
-            return sampler(logprobs), logprobs, None
-        key, subkey = mx.random.split(key)
-        return sampler(logprobs, key=subkey), logprobs, key
-
+    sample = partial(_sample, sampler, logits_processors)
     with eval_mode(model):
         total, done = sum(map(len, prompts)), 0
 

@@ -10,8 +10,8 @@ from mlx.utils import tree_flatten
 
 from bdh_mlx.errors import BDHError, CheckpointError
 from bdh_mlx.inference.engines import choose_engine
-from bdh_mlx.model.bdh import BDH, BDHConfig, rope_frequencies
-from bdh_mlx.model.quantized import quantized_weight_shapes
+from bdh_mlx.model import BDH, BDHConfig, rope_frequencies
+from bdh_mlx.modeling.quantized import quantized_weight_shapes
 from bdh_mlx.storage.files import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
 from bdh_mlx.storage.hub import resolve_checkpoint
 
@@ -30,7 +30,7 @@ OPTIONAL_KEYS = {ROPE_FREQS_KEY: lambda config: (config.n_neurons,)}
 
 
 def weight_shapes(config: BDHConfig) -> dict:
-    """The official parameter names and their shapes for ``config`` (a quantized config: see quantize.py)."""
+    """The official parameter names and their shapes for ``config`` (a quantized config: see modeling/quantized.py)."""
     D, nh, N, V = config.n_embd, config.n_head, config.n_neurons, config.vocab_size
     shapes = {
         "embed.weight": (V, D),

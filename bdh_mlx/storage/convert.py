@@ -15,7 +15,7 @@ import numpy as np
 
 from bdh_mlx.arguments import ArgumentParser, number_in, positive_int, run_command
 from bdh_mlx.errors import BDHError, CheckpointError
-from bdh_mlx.model.bdh import BDHConfig, rope_frequencies
+from bdh_mlx.model import BDHConfig, rope_frequencies
 from bdh_mlx.storage.checkpoint import (
     ROPE_FREQS_KEY,
     check_finite,

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from bdh_mlx.arguments import ArgumentParser, run_command
 from bdh_mlx.errors import ConfigError
-from bdh_mlx.model.bdh import BDH, BDHConfig
+from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage import checkpoint
 
 PROG = "bdh-mlx merge"

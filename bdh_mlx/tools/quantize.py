@@ -12,7 +12,7 @@ import mlx.core as mx
 from bdh_mlx.arguments import ArgumentParser, run_command
 from bdh_mlx.errors import BDHError
 from bdh_mlx.inference.engines import choose_engine
-from bdh_mlx.model.quantized import QuantizedEmbedding, QuantizedWeight, stored_shapes
+from bdh_mlx.modeling.quantized import QuantizedEmbedding, QuantizedWeight, stored_shapes
 from bdh_mlx.storage import checkpoint
 
 

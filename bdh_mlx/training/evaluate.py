@@ -18,7 +18,7 @@ from bdh_mlx.arguments import (
     positive_int,
     run_command,
 )
-from bdh_mlx.model.bdh import BDH
+from bdh_mlx.model import BDH
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 from bdh_mlx.storage.hub import resolve_checkpoint

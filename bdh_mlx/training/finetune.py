@@ -35,7 +35,7 @@ from bdh_mlx.arguments import (
 )
 from bdh_mlx.errors import ConfigError, DataError
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
-from bdh_mlx.model.bdh import ATTENTION_FORMS
+from bdh_mlx.model import ATTENTION_FORMS
 from bdh_mlx.training import train
 from bdh_mlx.training.data import BatchSampler, open_dataset
 

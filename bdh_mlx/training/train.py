@@ -38,7 +38,7 @@ from bdh_mlx.arguments import (
     seed_int,
 )
 from bdh_mlx.errors import BDHError, ConfigError
-from bdh_mlx.model.bdh import ATTENTION_FORMS, BDH, PRESETS, BatchShare, BDHConfig
+from bdh_mlx.model import ATTENTION_FORMS, BDH, PRESETS, BatchShare, BDHConfig
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 from bdh_mlx.training.data import BatchSampler, add_data_arguments, default_cache_dir, eval_batches, load_corpus

@@ -4,7 +4,7 @@ checkpoint from elsewhere) cannot hang or overflow."""
 import numpy as np
 
 from bdh_mlx.errors import ConfigError
-from bdh_mlx.model.quantized import check_quantization
+from bdh_mlx.modeling.quantized import check_quantization
 
 ATTENTION_FORMS = ("auto", "parallel", "chunked")
 SIZE_LIMITS = {

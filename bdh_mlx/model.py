@@ -23,10 +23,10 @@ import mlx.nn as nn
 import numpy as np
 
 from bdh_mlx.errors import BDHError, ConfigError
-from bdh_mlx.model.cache import BDHCache, LayerState
-from bdh_mlx.model.limits import ATTENTION_FORMS, check_config  # noqa: F401  (re-exported)
-from bdh_mlx.model.quantized import QuantizedWeight, make_quantized_weights
-from bdh_mlx.model.recompute import recompute_in_backward
+from bdh_mlx.modeling.cache import BDHCache, LayerState
+from bdh_mlx.modeling.limits import ATTENTION_FORMS, check_config  # noqa: F401  (re-exported)
+from bdh_mlx.modeling.quantized import QuantizedWeight, make_quantized_weights
+from bdh_mlx.modeling.recompute import recompute_in_backward
 
 ROPE_THETA = 65536.0
 LN_EPS = 1e-5
@@ -52,11 +52,11 @@ class BDHConfig:
     dropout: float = 0.1
     attention: str = "auto"  # "parallel" (T x T), "chunked" (carried state), "auto"
     chunk_size: int = 256
-    quantization: dict | None = None  # {"bits", "group_size", "embedding"}: see quantize.py
+    quantization: dict | None = None  # {"bits", "group_size", "embedding"}: see modeling/quantized.py
     prompt_template: dict | None = None  # set by ``bdh-mlx finetune``: see ``template.py``
 
     def __post_init__(self):
-        check_config(self)  # bounds that a crafted config cannot pass: see limits.py
+        check_config(self)  # bounds that a crafted config cannot pass: see modeling/limits.py
 
     @property
     def n_neurons(self) -> int:
@@ -284,11 +284,11 @@ class BDH(nn.Module):
     """BDH: one shared layer of sparse neurons, applied ``n_layer`` times.
 
     ``model(idx, targets=None, cache=None) -> (logits, loss)``. ``rope_freqs`` (N,): per-neuron RoPE
-    frequencies, for merged models whose neurons keep the ones they were trained with (default
-    ``rope_frequencies(N)``). ``compute_dtype``: the dtype of the computation (the weights keep their own).
-    ``engine``: computes the one-token layer through a cache while decoding (``bdh_mlx.inference.engines``;
-    ``bdh_mlx.load`` picks the fastest for the device, dtype and weights). None: ``layer`` below, the
-    equations as written.
+    frequencies (``_freqs``, a constant), for merged models whose neurons keep the ones they were trained
+    with (default ``rope_frequencies(N)``). ``compute_dtype``: the dtype of the computation (the weights
+    keep theirs). ``engine``: computes the one-token layer through a cache while decoding (see
+    ``bdh_mlx.inference.engines``; ``bdh_mlx.load`` picks the fastest for the device, dtype and weights).
+    None: ``layer`` below, the equations as written.
     """
 
     def __init__(self, config: BDHConfig, rope_freqs=None, compute_dtype=mx.float32, engine=None):
@@ -302,10 +302,9 @@ class BDH(nn.Module):
         self.encoder_v = init(mx.zeros((nh, D, N)))
         self.decoder = init(mx.zeros((nh * N, D)))
         self.lm_head = init(mx.zeros((D, V)))
-        if config.quantization is not None:  # inference only: see quantized.py
+        if config.quantization is not None:  # inference only: see modeling/quantized.py
             for name, weight in make_quantized_weights(config).items():
                 setattr(self, name, weight)
-        # A constant: the leading "_" keeps it out of parameters().
         self._freqs = rope_frequencies(N) if rope_freqs is None else mx.array(rope_freqs, dtype=mx.float32)
         if self._freqs.shape != (N,):
             raise ConfigError(f"rope_freqs must have shape ({N},), got {tuple(self._freqs.shape)}")
@@ -321,11 +320,10 @@ class BDH(nn.Module):
         """``"step"`` (one token through a cache), ``"chunked"`` or ``"parallel"`` for T tokens."""
         if cached:
             return "step" if T == 1 else "chunked"
-        form = self.config.attention
-        if form == "auto":
-            c = self.config
-            form = "parallel" if parallel_is_faster(T, c.n_neurons, c.n_embd, c.chunk_size) else "chunked"
-        return form
+        c = self.config
+        if c.attention != "auto":
+            return c.attention
+        return "parallel" if parallel_is_faster(T, c.n_neurons, c.n_embd, c.chunk_size) else "chunked"
 
     def attend(self, form: str, qr, v, state=None):
         """The attention of ``form``: ``(out, state after the last token)``; the parallel form keeps no state."""
