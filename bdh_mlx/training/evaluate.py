@@ -22,7 +22,7 @@ from bdh_mlx.model.bdh import BDH
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 from bdh_mlx.storage.hub import resolve_checkpoint
-from bdh_mlx.training.data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
+from bdh_mlx.training.data import add_data_arguments, corpus_options, default_cache_dir, eval_batches, load_corpus
 
 
 def next_byte_loss(model: BDH, batch, share=None) -> mx.array:
@@ -119,7 +119,7 @@ def run(args):
         if getattr(args, name) is None:
             setattr(args, name, value)
     cache_dir = args.cache_dir or default_cache_dir(path.resolve().parent)
-    corpus = load_corpus(args, cache_dir)
+    corpus = load_corpus(cache_dir, **corpus_options(args))
     corpus.check_block_size(args.block_size)
     batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
     metrics = evaluate(model, batches)

@@ -18,7 +18,7 @@ stored in the fine-tuned checkpoints. The loss is the cross-entropy of the outpu
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,7 +36,7 @@ from bdh_mlx.arguments import (
 from bdh_mlx.errors import ConfigError, DataError
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
 from bdh_mlx.model.bdh import ATTENTION_FORMS
-from bdh_mlx.training import train
+from bdh_mlx.training import train, trainer
 from bdh_mlx.training.data import BatchSampler, open_dataset
 
 PROG = "bdh-mlx finetune"
@@ -312,11 +312,9 @@ def build_parser():
     data.add_argument("--max-examples", type=positive_int, help="use only the first N examples (quick runs)")
     add_batch_arguments(p, block_size=512, batch_size=16)
     train.add_optimizer_arguments(p)
-    train.add_run_arguments(p, default_eval_every=100, default_save_every=500)
+    train.add_run_arguments(p, default_eval_every=100, default_save_every=500, sample_prompt_help="prompt of the "
+                            "evaluation sample (default: the first validation example, templated)")
     p.set_defaults(steps=1000, lr=1e-4, sample_prompt=None)
-    for action in p._actions:
-        if action.dest == "sample_prompt":
-            action.help = "prompt of the evaluation sample (default: the first validation example, templated)"
     return p
 
 
@@ -332,23 +330,25 @@ def build_model(args, resume_state, run):
     return model
 
 
-def finetune(args) -> dict:
-    """Run (or resume) a fine-tune as ``args`` describe; returns the last metrics record."""
-    if args.resume is None and (args.init_from is None or args.data is None):
+def finetune(options) -> dict:
+    """Run (or resume) a fine-tune as the options describe; returns the last metrics record."""
+    if options.resume is None and (options.init_from is None or options.data is None):
         raise ConfigError("--init-from CKPT_OR_REPO (the model to fine-tune) and --data FILE_OR_DATASET are required")
-    args, run, resume_state, model = train.prepare_run(args, build=build_model)
+    options, run, _, model = train.prepare_run(options, build=build_model)
     template = model.config.prompt_template
-    data = load_examples(args)
-    train_rows = pack(data.train, template, args.block_size)
-    val_rows = pack(data.val, template, args.block_size, "validation ")
-    if args.sample_prompt is None:
-        args.sample_prompt = format_prompt(template, data.val[0].instruction, data.val[0].input)
+    data = load_examples(options)
+    train_rows = pack(data.train, template, options.block_size)
+    val_rows = pack(data.val, template, options.block_size, "validation ")
+    args = train.training_args(options, run)
+    if options.sample_prompt is None:
+        args = replace(args, sample_prompt=format_prompt(template, data.val[0].instruction, data.val[0].input))
     source = (f"{len(data.train)} {data.format} examples from {data.source} in {len(train_rows)} blocks, "
               f"{len(data.val)} for validation")
-    sampler = RowSampler(train_rows, args.batch_size, args.block_size, args.seed)
-    batches = val_batches(val_rows, args.batch_size, args.eval_batches)
-    return train.run_training(args, run, resume_state, model, sampler, batches, response_loss, source,
-                              inputs=response_inputs, prog=PROG, try_args='--instruction "..."')
+    sampler = RowSampler(train_rows, options.batch_size, options.block_size, options.seed)
+    batches = val_batches(val_rows, options.batch_size, options.eval_batches)
+    return trainer.train(model, train.build_optimizer(options), sampler, batches, args, response_loss, response_inputs,
+                         record=train.saved_options(options), source=source, prog=PROG,
+                         try_args='--instruction "..."')
 
 
 def main(argv=None) -> int:
