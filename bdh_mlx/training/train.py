@@ -257,8 +257,8 @@ def load_trainable(path, **overrides) -> BDH:
     model = checkpoint.load(path, **overrides)
     quantization = model.config.quantization
     if quantization is not None:
-        raise ConfigError(f"{path} is a {quantization['bits']}-bit quantized model, which can only generate; "
-                          f"train from the float checkpoint it was quantized from")
+        raise ConfigError(f"{path} holds a quantized model ({quantization['bits']}-bit weights, for generating "
+                          f"only); train or fine-tune the float checkpoint it was quantized from")
     return model
 
 

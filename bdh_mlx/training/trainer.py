@@ -127,7 +127,8 @@ def make_schedule(lr: float, steps: int, schedule: str = "constant", warmup_step
     elif schedule in ("cosine", "linear"):
         decay = (decay_steps or steps) - warmup_steps
         if decay <= 0:
-            raise ConfigError(f"--warmup-steps {warmup_steps} leaves no steps for the {schedule} decay")
+            raise ConfigError(f"a warm-up of {warmup_steps} steps leaves no steps for the {schedule} decay "
+                              f"(--warmup-steps against --decay-steps or --steps)")
         if schedule == "cosine":
             main = optim.cosine_decay(lr, decay, end=min_lr)
         else:
@@ -516,6 +517,9 @@ def train(model: BDH, optimizer, train_set, val_set, args: TrainingArgs | None =
     first line, ``prog`` the command in the messages, ``try_args`` the generate options of the closing lines.
     """
     args = TrainingArgs() if args is None else args
+    if model.config.quantization is not None:
+        raise ConfigError("a quantized model cannot be trained (its weights are rounded, for generating only); "
+                          "train the float model it was quantized from")
     group = mx.distributed.init()
     if train_set.batch_size % group.size():
         raise ConfigError(f"the batch size {train_set.batch_size} does not split over {group.size()} processes")
