@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from bdh_mlx.errors import CheckpointError
 from bdh_mlx.model.bdh import BDH, BDHConfig
 from bdh_mlx.storage.checkpoint import read_checkpoint
-from bdh_mlx.training import evaluate, train, trainer
+from bdh_mlx.training import evaluate, options, train, trainer
 from bdh_mlx.training.run_folder import RunFolder, link_or_copy
 
 
@@ -120,7 +120,7 @@ def test_resume_accepts_every_option_that_does_not_change_the_computation(tmp_pa
     capsys.readouterr()
     assert train.main(["--resume", str(out), "--steps", "6", "--lr", "1"]) == 2
     err = capsys.readouterr().err
-    allowed = ", ".join("--" + n.replace("_", "-") for n in sorted(train.RESUMABLE))
+    allowed = ", ".join("--" + n.replace("_", "-") for n in sorted(options.RESUMABLE))
     assert f"--lr cannot change when resuming (allowed: {allowed})" in err
 
 
@@ -149,5 +149,5 @@ def test_metrics_reader_skips_only_a_torn_last_line(tmp_path):
 
 def test_the_example_run_config_is_valid():
     path = Path(__file__).parent.parent / "examples" / "run.toml"
-    values = train.read_config_file(train.build_parser, path)
+    values = options.read_config_file(train.build_parser, path)
     assert values["preset"] == "small" and values["steps"] == 500 and values["lr"] == 3e-3
