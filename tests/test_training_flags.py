@@ -209,3 +209,24 @@ def test_the_resume_check_sees_both_spellings(spelling, files, tmp_path, capsys)
     assert json.loads((out / "last.json").read_text())["step"] == 2
     assert train.main(["--resume", str(out), *spelled("--steps", "4", spelling), "--no-progress"]) == 0
     assert json.loads((out / "last.json").read_text())["step"] == 4  # --steps, in either spelling, is the total
+
+
+@pytest.mark.parametrize("text, message", [
+    ('lr = "fast"\n', "argument --lr: must be a positive number, got 'fast'"),
+    ('schedule = "cubic"\n', "argument --schedule: invalid choice: 'cubic'"),
+    ("no-progress = 3\n", "no-progress: must be true or false, got 3"),
+])
+def test_config_file_values_are_checked_like_flags(text, message, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    assert train.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"bdh-mlx train: error: {config}: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_switches_and_values_reach_the_library(files, calls, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.toml"
+    config.write_text('no-progress = true\nlr = 0.002\nsample-prompt = "Hi"\n')
+    call = command_call("train", ["--config", str(config)], files, calls)
+    assert (call.args.progress, call.args.sample_prompt, lr_after(call.optimizer)) == (False, "Hi", expected_lr(0.002))
