@@ -22,7 +22,7 @@ import json, sys, time
 import bdh_mlx  # first: on Linux it gives MLX the fast BLAS before mlx.core is imported
 import mlx.core as mx, mlx.optimizers as optim
 from bdh_mlx import BDH, BDHConfig
-from bdh_mlx.training.train import estimate_step_memory, make_train_step
+from bdh_mlx.training.trainer import estimate_step_memory, make_train_step
 preset, steps, batch, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = BDH(BDHConfig.from_preset(preset, dropout=0.1)).train()
 optimizer = optim.AdamW(1e-3)

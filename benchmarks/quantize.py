@@ -58,8 +58,7 @@ def main():
         base, source = load(args.checkpoint), args.checkpoint
     batches = None
     if args.eval_batches:
-        data = evaluate.build_parser().parse_args(["--checkpoint", "-"])  # the default corpus, as bdh-mlx eval
-        corpus = load_corpus(data, None)
+        corpus = load_corpus(None)  # the default corpus, as bdh-mlx eval
         batches = eval_batches(corpus.val, args.batch_size, args.block_size, args.eval_batches)
     c = base.config
     print(f"{source}: {c.num_parameters / 1e6:.2f} M parameters (D {c.n_embd}, N {c.n_neurons}); "

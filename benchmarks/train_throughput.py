@@ -15,12 +15,8 @@ import mlx.nn as nn
 import numpy as np
 
 from bdh_mlx.model import BDH, PRESETS, BDHConfig
-from bdh_mlx.training.train import loss_fn, make_optimizer, make_train_step
-
-
-def optimizer_args(lr=1e-3):
-    return argparse.Namespace(lr=lr, weight_decay=0.1, schedule="constant", warmup_steps=0, decay_steps=None,
-                              steps=1, min_lr=0.0)
+from bdh_mlx.training.evaluate import next_byte_loss
+from bdh_mlx.training.trainer import make_optimizer, make_train_step
 
 
 def compiled_step(model, optimizer):
@@ -34,7 +30,7 @@ def compiled_step(model, optimizer):
 
 
 def eager_step(model, optimizer):
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, next_byte_loss)
 
     def run(batch):
         loss, grads = loss_and_grad(model, batch)
@@ -47,7 +43,7 @@ def eager_step(model, optimizer):
 def measure(make_step, config, dtype, batches, warmup):
     mx.random.seed(0)
     model = BDH(config, compute_dtype=dtype)
-    optimizer = make_optimizer(optimizer_args())
+    optimizer = make_optimizer(1e-3)
     optimizer.init(model.trainable_parameters())
     step = make_step(model, optimizer)
     for batch in batches[:warmup]:

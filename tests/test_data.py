@@ -1,4 +1,3 @@
-import argparse
 import json
 import re
 from pydoc_data.topics import topics
@@ -10,15 +9,10 @@ from bdh_mlx.errors import DataError
 from bdh_mlx.training.data import BatchSampler, eval_batches, load_corpus, looks_like_path
 
 
-def data_args(**kw):
-    defaults = dict(data=None, dataset=None, val_data=None, text_field=None, split="train", val_split=None)
-    return argparse.Namespace(**{**defaults, **kw})
-
-
 def test_file_is_memory_mapped_and_split_90_10(tmp_path):
     raw = bytes(range(256)) * 40
     (tmp_path / "c.bin").write_bytes(raw)
-    corpus = load_corpus(data_args(data=str(tmp_path / "c.bin")), tmp_path / "cache")
+    corpus = load_corpus(tmp_path / "cache", data=str(tmp_path / "c.bin"))
     assert isinstance(corpus.train.base, np.memmap) or isinstance(corpus.train, np.memmap)
     n_train = int(len(raw) * 0.9)
     assert corpus.train.tobytes() == raw[:n_train] and corpus.val.tobytes() == raw[n_train:]
@@ -33,17 +27,17 @@ def test_folder_and_glob_concatenate_sorted_files_once(tmp_path):
     (folder / "sub" / "c.txt").write_bytes(b"C" * 300)
     (folder / ".hidden").write_bytes(b"H" * 300)
     cache = tmp_path / "cache"
-    corpus = load_corpus(data_args(data=str(folder), val_data=str(folder / "a.txt")), cache)
+    corpus = load_corpus(cache, data=str(folder), val_data=str(folder / "a.txt"))
     assert corpus.train.tobytes() == b"A" * 300 + b"B" * 300 + b"C" * 300
     assert corpus.val.tobytes() == b"A" * 300
     cached = list(cache.glob("*.bin"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    again = load_corpus(data_args(data=str(folder)), cache)  # reused, not rewritten
+    again = load_corpus(cache, data=str(folder))  # reused, not rewritten
     assert cached[0].stat().st_mtime_ns == mtime
     assert again.train.tobytes() + again.val.tobytes() == b"A" * 300 + b"B" * 300 + b"C" * 300
 
-    globbed = load_corpus(data_args(data=str(folder / "*.txt")), cache)
+    globbed = load_corpus(cache, data=str(folder / "*.txt"))
     assert globbed.train.tobytes() + globbed.val.tobytes() == b"A" * 300 + b"B" * 300
 
 
@@ -52,7 +46,7 @@ def test_saved_dataset_auto_detects_the_text_column(tmp_path):
 
     rows = {"id": [1, 2, 3], "text": ["héllo", "", "world"]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
-    corpus = load_corpus(data_args(dataset=str(tmp_path / "ds")), tmp_path / "cache")
+    corpus = load_corpus(tmp_path / "cache", dataset=str(tmp_path / "ds"))
     expected = "héllo\nworld\n".encode()
     assert corpus.train.tobytes() + corpus.val.tobytes() == expected
     assert len(list((tmp_path / "cache").glob("dataset-*.bin"))) == 1
@@ -66,19 +60,19 @@ def test_saved_dataset_dict_splits(tmp_path):
         validation=datasets.Dataset.from_dict({"text": ["xyz"] * 5}),
     )
     dd.save_to_disk(str(tmp_path / "dd"))
-    corpus = load_corpus(data_args(dataset=str(tmp_path / "dd"), val_split="validation"), tmp_path / "cache")
+    corpus = load_corpus(tmp_path / "cache", dataset=str(tmp_path / "dd"), val_split="validation")
     assert corpus.train.tobytes() == b"abc\n" * 10
     assert corpus.val.tobytes() == b"xyz\n" * 5
     with pytest.raises(DataError, match="no split 'test'; splits: train, validation"):
-        load_corpus(data_args(dataset=str(tmp_path / "dd"), split="test"), tmp_path / "cache")
+        load_corpus(tmp_path / "cache", dataset=str(tmp_path / "dd"), split="test")
 
 
 def test_json_lines_file_with_named_text_field(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"title": f"t{i}", "body": f"body {i}"}) + "\n" for i in range(20)))
     with pytest.raises(DataError, match=r"2 string columns; pick the text with --text-field; columns: title"):
-        load_corpus(data_args(dataset=str(path)), tmp_path / "cache")
-    corpus = load_corpus(data_args(dataset=str(path), text_field="body"), tmp_path / "cache")
+        load_corpus(tmp_path / "cache", dataset=str(path))
+    corpus = load_corpus(tmp_path / "cache", dataset=str(path), text_field="body")
     assert corpus.train.tobytes() + corpus.val.tobytes() == "".join(f"body {i}\n" for i in range(20)).encode()
 
 
@@ -87,12 +81,12 @@ def test_dataset_without_text_column_lists_columns(tmp_path):
 
     datasets.Dataset.from_dict({"a": [1, 2], "b": [0.5, 1.5]}).save_to_disk(str(tmp_path / "nums"))
     with pytest.raises(DataError, match=r"no string column; .*columns: a \(int64\), b \(float64\)"):
-        load_corpus(data_args(dataset=str(tmp_path / "nums")), tmp_path / "cache")
+        load_corpus(tmp_path / "cache", dataset=str(tmp_path / "nums"))
     assert not (tmp_path / "cache").exists()
 
 
 def test_default_corpus_is_pydoc_topics():
-    corpus = load_corpus(data_args(), "unused")
+    corpus = load_corpus("unused")
     text = (corpus.train.tobytes() + corpus.val.tobytes()).decode("utf-8")
     assert len(text) > 400_000
     assert text == "\n".join(topics[k] for k in sorted(topics))
@@ -122,12 +116,12 @@ def test_eval_batches_are_fixed_and_cover_the_part():
 
 def test_missing_and_empty_sources(tmp_path):
     with pytest.raises(DataError, match="nope.txt: no such file or folder"):
-        load_corpus(data_args(data=str(tmp_path / "nope.txt")), tmp_path)
+        load_corpus(tmp_path, data=str(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match=r"\*.md: the pattern matches no files"):
-        load_corpus(data_args(data=str(tmp_path / "*.md")), tmp_path)
+        load_corpus(tmp_path, data=str(tmp_path / "*.md"))
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(DataError, match="empty.txt: the corpus is empty"):
-        load_corpus(data_args(data=str(tmp_path / "empty.txt")), tmp_path)
+        load_corpus(tmp_path, data=str(tmp_path / "empty.txt"))
 
 
 @pytest.mark.parametrize("spec", ["data/train.jsonl", "./corpus", "~/nowhere/x", "typo.parquet", "a/b/c", "x.txt"])
@@ -140,7 +134,7 @@ def test_missing_local_dataset_path_is_never_tried_on_the_hub(spec, tmp_path, mo
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"^{re.escape(spec)}: no such dataset file or folder$"):
-        load_corpus(data_args(dataset=spec), tmp_path / "cache")
+        load_corpus(tmp_path / "cache", dataset=spec)
 
 
 @pytest.mark.parametrize("spec", ["roneneldan/TinyStories", "wikitext", "allenai/c4"])
@@ -160,7 +154,7 @@ def test_folder_skips_our_own_and_binary_files_and_says_so(tmp_path, capsys):
     (folder / "data_cache" / "files-0123.bin").write_bytes(b"cached text" * 30)
     (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + b"x" * 100)
     (folder / ".hidden.txt").write_text("secret")
-    corpus = load_corpus(data_args(data=str(folder)), tmp_path / "cache")
+    corpus = load_corpus(tmp_path / "cache", data=str(folder))
     assert corpus.train.tobytes() + corpus.val.tobytes() == b"N" * 100 + b"L" * 50
     assert capsys.readouterr().err.splitlines()[0] == (  # then tqdm's progress
         f"data: {folder}: took 2 files (150 bytes); skipped 6 (4 .npz/.npy/.bin/.json/.jsonl/.pt, 1 binary, 1 hidden)"
@@ -168,4 +162,4 @@ def test_folder_skips_our_own_and_binary_files_and_says_so(tmp_path, capsys):
     (folder / "notes.md").unlink()
     (folder / "run" / "log.txt").unlink()
     with pytest.raises(DataError, match=r"the folder holds no text files; skipped 6 \(4 "):
-        load_corpus(data_args(data=str(folder)), tmp_path / "cache")
+        load_corpus(tmp_path / "cache", data=str(folder))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(LAUNCH is None, reason="mlx.l
 RUN = [*TINY_RUN, "--dropout", "0", "--log-every", "1", "--eval-every", "3", "--save-every", "3", "--lr", "3e-3"]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive ports free on 127.0.0.1 now (one per process of a ring)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
 def launch(argv, cwd):
-    command = [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "bdh_mlx", "train", *argv]
+    """Two processes on a ring of their own: mlx.launch's default ports are fixed, so launches that overlap
+    (pytest -n 2, another checkout's tests) would join each other's rings and mix their gradients."""
+    command = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)), "--",
+               sys.executable, "-m", "bdh_mlx", "train", *argv]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
@@ -54,6 +73,8 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, corpus_file)
     half = tmp_path / "half"
     launch([*RUN, "--data", str(corpus_file), "--out", str(half), "--steps", "3"], tmp_path)
     launch(["--resume", str(half), "--steps", "6"], tmp_path)
+    assert [r["world_size"] for r in records(half)] == [2] * 6
+    assert json.loads((half / "last.json").read_text())["world_size"] == 2
     assert_close_weights(half / "last.npz", two / "last.npz", tol=0)
     assert [r["train_loss"] for r in records(half)] == [r["train_loss"] for r in records(two)]
 

@@ -105,7 +105,7 @@ def test_kill_9_at_several_points_then_resume_is_exact(tmp_path, corpus_bytes):
 def test_non_finite_weights_are_never_saved(tmp_path, corpus_file, monkeypatch, capsys):
     """The loss of a step is computed before its update: a finite loss can still leave NaN weights behind."""
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "make_optimizer", lambda args: optim.SGD(learning_rate=float("inf")))
+    monkeypatch.setattr(train, "make_optimizer", lambda *args: optim.SGD(learning_rate=float("inf")))
     assert train.main([*TINY_RUN, "--data", str(corpus_file), "--out", str(out), "--steps", "3",
                        "--save-every", "1"]) == 2
     assert capsys.readouterr().err.endswith(

@@ -205,7 +205,7 @@ def test_training_samples_of_an_instruction_tuned_model_end_at_its_marker():
     """The evaluation sample stops where the model writes its end-of-response marker, like chat."""
     from types import SimpleNamespace
 
-    from bdh_mlx.training.train import sample_text
+    from bdh_mlx.training.trainer import sample_text
 
     mx.random.seed(0)
     model = BDH(BDHConfig.from_preset("tiny"))

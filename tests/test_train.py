@@ -1,4 +1,3 @@
-import argparse
 import json
 import math
 import os
@@ -15,14 +14,8 @@ from mlx.utils import tree_flatten
 
 from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage.checkpoint import read_checkpoint
-from bdh_mlx.training import train
+from bdh_mlx.training import train, trainer
 from bdh_mlx.training.data import BatchSampler
-
-
-def opt_args(**kw):
-    defaults = dict(lr=1e-2, weight_decay=0.1, schedule="constant", warmup_steps=0, decay_steps=None, steps=100,
-                    min_lr=0.0)
-    return argparse.Namespace(**{**defaults, **kw})
 
 
 def metrics(run_dir):
@@ -40,7 +33,7 @@ def test_adamw_matches_pytorch_semantics():
     grads = [{"w": rng.normal(size=(3, 4)) * s, "tiny": rng.normal(size=(5,)) * 1e-9} for s in (1.0, 0.1, 0.5)]
     lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
 
-    optimizer = train.make_optimizer(opt_args(lr=lr, weight_decay=wd))
+    optimizer = trainer.make_optimizer(lr, weight_decay=wd)
     params = {k: mx.array(v.astype(np.float32)) for k, v in p0.items()}
     ref = {k: (v.astype(np.float32).astype(np.float64), np.zeros_like(v), np.zeros_like(v)) for k, v in p0.items()}
     for t, g in enumerate(grads, start=1):
@@ -56,10 +49,10 @@ def test_adamw_matches_pytorch_semantics():
 
 
 def test_warmup_then_cosine_schedule():
-    schedule = train.make_schedule(opt_args(lr=1e-3, schedule="cosine", warmup_steps=10, steps=110, min_lr=1e-4))
+    schedule = trainer.make_schedule(1e-3, steps=110, schedule="cosine", warmup_steps=10, min_lr=1e-4)
     for step, expected in [(0, 0.0), (5, 5e-4), (10, 1e-3), (60, 1e-4 + 0.9e-3 * 0.5), (110, 1e-4), (200, 1e-4)]:
         assert schedule(mx.array(step)).item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
-    linear = train.make_schedule(opt_args(lr=1e-3, schedule="linear", warmup_steps=0, steps=100, min_lr=0.0))
+    linear = trainer.make_schedule(1e-3, steps=100, schedule="linear", warmup_steps=0, min_lr=0.0)
     assert linear(mx.array(25)).item() == pytest.approx(7.5e-4, rel=1e-5)
 
 
@@ -71,7 +64,7 @@ def test_gradient_accumulation_equals_the_large_batch():
         mx.random.seed(0)
         model = BDH(config)
         optimizer = optim.SGD(learning_rate=1.0)  # the update is the gradient itself
-        step, state = train.make_train_step(model, optimizer, grad_accum=accum)
+        step, state = trainer.make_train_step(model, optimizer, grad_accum=accum)
         loss, norm = step(mx.array(batch.reshape(accum, 4 // accum, 17)))
         mx.eval(state, loss, norm)
         results.append((loss.item(), norm.item(), {k: np.array(v) for k, v in tree_flatten(model.parameters())}))

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from bdh_mlx.errors import CheckpointError
 from bdh_mlx.model import BDH, BDHConfig
 from bdh_mlx.storage.checkpoint import read_checkpoint
-from bdh_mlx.training import evaluate, train
+from bdh_mlx.training import evaluate, options, train, trainer
 from bdh_mlx.training.run_folder import RunFolder, link_or_copy
 
 
@@ -32,7 +32,7 @@ def test_grad_clip_bounds_the_update(clip):
     mx.random.seed(0)
     model = BDH(BDHConfig.from_preset("tiny", dropout=0.0))
     before = flat(model)
-    step, state = train.make_train_step(model, optim.SGD(learning_rate=1.0), max_grad_norm=clip)
+    step, state = trainer.make_train_step(model, optim.SGD(learning_rate=1.0), max_grad_norm=clip)
     batch = mx.random.randint(0, 256, (1, 2, 17)).astype(mx.uint8)
     loss, norm = step(batch)
     mx.eval(state, loss, norm)
@@ -42,7 +42,7 @@ def test_grad_clip_bounds_the_update(clip):
 
 
 def test_grad_clip_flag_reaches_the_step(tmp_path, corpus_file, monkeypatch):
-    monkeypatch.setattr(train, "make_optimizer", lambda args: optim.SGD(learning_rate=1.0))
+    monkeypatch.setattr(train, "make_optimizer", lambda *args: optim.SGD(learning_rate=1.0))
     runs = {}
     for clip in (None, "0.01"):
         out = tmp_path / f"run-{clip}"
@@ -120,7 +120,7 @@ def test_resume_accepts_every_option_that_does_not_change_the_computation(tmp_pa
     capsys.readouterr()
     assert train.main(["--resume", str(out), "--steps", "6", "--lr", "1"]) == 2
     err = capsys.readouterr().err
-    allowed = ", ".join("--" + n.replace("_", "-") for n in sorted(train.RESUMABLE))
+    allowed = ", ".join("--" + n.replace("_", "-") for n in sorted(options.RESUMABLE))
     assert f"--lr cannot change when resuming (allowed: {allowed})" in err
 
 
@@ -149,5 +149,5 @@ def test_metrics_reader_skips_only_a_torn_last_line(tmp_path):
 
 def test_the_example_run_config_is_valid():
     path = Path(__file__).parent.parent / "examples" / "run.toml"
-    values = train.read_config_file(train.build_parser(), path)
+    values = options.read_config_file(train.build_parser, path)
     assert values["preset"] == "small" and values["steps"] == 500 and values["lr"] == 3e-3

@@ -260,21 +260,29 @@ def split_corpus(data: np.ndarray, source: str) -> Corpus:
     return Corpus(data[:n_train], data[n_train:], source)
 
 
-def load_corpus(args, cache_dir) -> Corpus:
-    """The corpus the data options of ``args`` name (see ``add_data_arguments``)."""
-    if args.dataset is not None:
-        train = load_dataset_bytes(args.dataset, args.split, args.text_field, cache_dir)
-        source = f"dataset {args.dataset} [{args.split}]"
-        if args.val_split is not None:
-            val = load_dataset_bytes(args.dataset, args.val_split, args.text_field, cache_dir)
-            return Corpus(train, val, source)
-    elif args.data is not None:
-        train, source = load_bytes(args.data, cache_dir), args.data
+def corpus_options(args) -> dict:
+    """The keywords of ``load_corpus`` from the options of ``add_data_arguments``."""
+    return {name: getattr(args, name) for name in ("data", "dataset", "val_data", "text_field", "split", "val_split")}
+
+
+def load_corpus(cache_dir, data=None, dataset=None, val_data=None, text_field=None, split="train",
+                val_split=None) -> Corpus:
+    """The corpus of a text file, folder or glob (``data``), or of a Hugging Face ``dataset`` (its ``split``,
+    column ``text_field``), or the built-in one; validation: ``val_data``, ``val_split``, else the last 10%.
+    Files that need encoding or joining are cached in ``cache_dir``.
+    """
+    if dataset is not None:
+        train = load_dataset_bytes(dataset, split, text_field, cache_dir)
+        source = f"dataset {dataset} [{split}]"
+        if val_split is not None:
+            return Corpus(train, load_dataset_bytes(dataset, val_split, text_field, cache_dir), source)
+    elif data is not None:
+        train, source = load_bytes(data, cache_dir), data
     else:
-        data = np.frombuffer(default_corpus_bytes(), dtype=np.uint8)
-        train, source = data, "the built-in corpus (pydoc_data.topics)"
-    if args.val_data is not None:
-        return Corpus(train, load_bytes(args.val_data, cache_dir), source)
+        train = np.frombuffer(default_corpus_bytes(), dtype=np.uint8)
+        source = "the built-in corpus (pydoc_data.topics)"
+    if val_data is not None:
+        return Corpus(train, load_bytes(val_data, cache_dir), source)
     return split_corpus(train, source)
 
 

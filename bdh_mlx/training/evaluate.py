@@ -22,7 +22,7 @@ from bdh_mlx.model import BDH
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 from bdh_mlx.storage.hub import resolve_checkpoint
-from bdh_mlx.training.data import add_data_arguments, default_cache_dir, eval_batches, load_corpus
+from bdh_mlx.training.data import add_data_arguments, corpus_options, default_cache_dir, eval_batches, load_corpus
 
 
 def next_byte_loss(model: BDH, batch, share=None) -> mx.array:
@@ -116,7 +116,7 @@ def run(args):
     recorded = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
     block_size, batch_size = (recorded[name] if getattr(args, name) is None else getattr(args, name)
                               for name in ("block_size", "batch_size"))
-    corpus = load_corpus(args, args.cache_dir or default_cache_dir(path.resolve().parent))
+    corpus = load_corpus(args.cache_dir or default_cache_dir(path.resolve().parent), **corpus_options(args))
     corpus.check_block_size(block_size)
     batches = eval_batches(corpus.val, batch_size, block_size, args.eval_batches)
     metrics = evaluate(model, batches)

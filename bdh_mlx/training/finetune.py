@@ -18,7 +18,7 @@ stored in the fine-tuned checkpoints. The loss is the cross-entropy of the outpu
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,7 +36,8 @@ from bdh_mlx.arguments import (
 from bdh_mlx.errors import ConfigError, DataError
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
 from bdh_mlx.model import ATTENTION_FORMS
-from bdh_mlx.training import train
+from bdh_mlx.training import options as opts
+from bdh_mlx.training import trainer
 from bdh_mlx.training.data import BatchSampler, open_dataset
 
 PROG = "bdh-mlx finetune"
@@ -299,7 +300,7 @@ def build_parser():
     model.add_argument("--dropout", type=non_negative_float, help="dropout on x * y")
     model.add_argument("--attention", choices=ATTENTION_FORMS, help="attention form (auto, parallel, chunked)")
     model.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of the chunked form")
-    p.set_defaults(preset=None, **{flag: None for flag in train.MODEL_FLAGS})  # the shape is the checkpoint's
+    p.set_defaults(preset=None, **{flag: None for flag in opts.MODEL_FLAGS})  # the shape is the checkpoint's
     data = p.add_argument_group("instruction data")
     data.add_argument("--data", metavar="FILE_OR_DATASET", help="a .jsonl/.json/.parquet file, a folder with "
                       "train and valid files, or a Hugging Face dataset name (e.g. tatsu-lab/alpaca)")
@@ -311,44 +312,45 @@ def build_parser():
                       help="share of the examples held out for validation when no validation data is given")
     data.add_argument("--max-examples", type=positive_int, help="use only the first N examples (quick runs)")
     add_batch_arguments(p, block_size=512, batch_size=16)
-    train.add_optimizer_arguments(p)
-    train.add_run_arguments(p, default_eval_every=100, default_save_every=500)
+    opts.add_optimizer_arguments(p)
+    opts.add_run_arguments(p, default_eval_every=100, default_save_every=500, sample_prompt_help="prompt of the "
+                            "evaluation sample (default: the first validation example, templated)")
     p.set_defaults(steps=1000, lr=1e-4, sample_prompt=None)
-    for action in p._actions:
-        if action.dest == "sample_prompt":
-            action.help = "prompt of the evaluation sample (default: the first validation example, templated)"
     return p
 
 
 def parse_args(argv=None):
-    return train.parse_args(argv, build=build_parser)
+    return opts.parse_options(build_parser, argv)
 
 
 def build_model(args, resume_state, run):
     """The model to fine-tune (``--init-from``), with the template it will be trained with in its config."""
-    model = train.build_model(args, resume_state, run)
+    model = opts.build_model(args, resume_state, run)
     if resume_state is None:
         model.config.prompt_template = dict(ALPACA_TEMPLATE)
     return model
 
 
-def finetune(args) -> dict:
-    """Run (or resume) a fine-tune as ``args`` describe; returns the last metrics record."""
-    if args.resume is None and (args.init_from is None or args.data is None):
+def finetune(options) -> dict:
+    """Run (or resume) a fine-tune as the options describe; returns the last metrics record."""
+    if options.resume is None and (options.init_from is None or options.data is None):
         raise ConfigError("--init-from CKPT_OR_REPO (the model to fine-tune) and --data FILE_OR_DATASET are required")
-    args, run, resume_state, model = train.prepare_run(args, build=build_model)
+    options, run, _, model = opts.prepare_run(options, build=build_model)
     template = model.config.prompt_template
-    data = load_examples(args)
-    train_rows = pack(data.train, template, args.block_size)
-    val_rows = pack(data.val, template, args.block_size, "validation ")
-    if args.sample_prompt is None:
-        args.sample_prompt = format_prompt(template, data.val[0].instruction, data.val[0].input)
+    data = load_examples(options)
+    train_rows = pack(data.train, template, options.block_size)
+    val_rows = pack(data.val, template, options.block_size, "validation ")
+    args = opts.training_args(options, run)
+    if options.sample_prompt is None:
+        args = replace(args, sample_prompt=format_prompt(template, data.val[0].instruction, data.val[0].input))
     source = (f"{len(data.train)} {data.format} examples from {data.source} in {len(train_rows)} blocks, "
               f"{len(data.val)} for validation")
-    sampler = RowSampler(train_rows, args.batch_size, args.block_size, args.seed)
-    batches = val_batches(val_rows, args.batch_size, args.eval_batches)
-    return train.run_training(args, run, resume_state, model, sampler, batches, response_loss, source,
-                              inputs=response_inputs, prog=PROG, try_args='--instruction "..."')
+    sampler = RowSampler(train_rows, options.batch_size, options.block_size, options.seed)
+    batches = val_batches(val_rows, options.batch_size, options.eval_batches)
+    optimizer = trainer.make_optimizer(opts.build_schedule(options), options.weight_decay)
+    return trainer.train(model, optimizer, sampler, batches, args, response_loss, response_inputs,
+                         record=opts.saved_options(options), source=source, prog=PROG,
+                         try_args='--instruction "..."')
 
 
 def main(argv=None) -> int:
