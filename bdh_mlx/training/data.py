@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from bdh_mlx.errors import DataError
 from bdh_mlx.storage.files import atomic_write
+from bdh_mlx.storage.hub import HubSilent, bounded_network, summary
 
 VAL_FRACTION = 0.1
 GLOB_CHARS = "*?["
@@ -196,12 +197,14 @@ def open_dataset(spec: str, split: str):
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
-        return datasets.load_dataset(spec, split=split)  # a hub name
+        with bounded_network():  # a hub name
+            return datasets.load_dataset(spec, split=split)
     except DataError:
         raise
+    except HubSilent as e:
+        raise DataError(f"{spec}: cannot load the dataset: {e}") from None
     except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{spec}: cannot load the dataset (split {split!r}): {message}") from None
+        raise DataError(f"{spec}: cannot load the dataset (split {split!r}): {summary(e)}") from None
 
 
 def text_column(ds, text_field, spec: str) -> str:
