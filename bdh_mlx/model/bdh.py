@@ -25,6 +25,7 @@ import numpy as np
 
 from bdh_mlx.errors import BDHError, ConfigError
 from bdh_mlx.inference import cpu_kernel as cpu_step
+from bdh_mlx.inference.template import check_template
 from bdh_mlx.model.cache import BDHCache, LayerState
 from bdh_mlx.model.quantized import QuantizedWeight, check_quantization, make_quantized_weights
 
@@ -96,14 +97,7 @@ class BDHConfig:
                 f"the config has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
             )
         self.quantization = check_quantization(self.quantization, self.n_embd, self.n_neurons)
-        if self.prompt_template is not None:
-            keys = ("prompt", "prompt_input", "end")
-            if not isinstance(self.prompt_template, dict) or not all(
-                isinstance(self.prompt_template.get(k), str) for k in keys
-            ):
-                raise ConfigError(
-                    f"prompt_template must map {', '.join(keys)} to strings, got {self.prompt_template!r}"
-                )
+        self.prompt_template = check_template(self.prompt_template)
 
     @property
     def n_neurons(self) -> int:
