@@ -1,4 +1,4 @@
-"""``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 64] [--embedding] --out Q.npz``."""
+"""``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 32|64|128] [--embedding] --out Q.npz``."""
 
 import os
 from pathlib import Path
@@ -7,6 +7,7 @@ from bdh_mlx.arguments import ArgumentParser, run_command
 from bdh_mlx.errors import BDHError
 from bdh_mlx.model.quantized import quantize
 from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.hub import resolve_checkpoint
 
 
 def build_parser():
@@ -14,7 +15,8 @@ def build_parser():
                        description="Quantize a checkpoint's weights to 4 or 8 bits (MLX affine quantization).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a float bdh-mlx .npz checkpoint")
     p.add_argument("--bits", type=int, required=True, help="4 or 8")
-    p.add_argument("--group-size", type=int, default=64, help="values sharing one scale and bias: 32, 64 or 128")
+    p.add_argument("--group-size", type=int,
+                   help="values sharing one scale and bias (default: the largest of 128, 64, 32 that fits the model)")
     p.add_argument("--embedding", action="store_true", help="also quantize the embedding table")
     p.add_argument("--out", type=Path, required=True, metavar="Q.npz", help="quantized checkpoint to write")
     return p
@@ -23,11 +25,12 @@ def build_parser():
 def run(args):
     if Path(args.out).is_dir():
         raise BDHError(f"{args.out}: is a directory; --out needs a file name")
-    model = checkpoint.load(args.checkpoint)
+    source = resolve_checkpoint(args.checkpoint)
+    model = checkpoint.load(source)
     quantize(model, args.bits, args.group_size, args.embedding)
     checkpoint.save(model, args.out)
-    before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
-    print(f"wrote {args.out}: {args.bits}-bit, group size {args.group_size}, "
+    before, after = os.path.getsize(source), os.path.getsize(args.out)
+    print(f"wrote {args.out}: {args.bits}-bit, group size {model.config.quantization['group_size']}, "
           f"{after / 1e6:.2f} MB ({after / before:.3f} of {before / 1e6:.2f} MB)")
 
 

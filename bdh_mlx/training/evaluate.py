@@ -114,10 +114,14 @@ def run(args):
     path = resolve_checkpoint(args.checkpoint)
     model = checkpoint.load(path)
     model.set_compute_dtype(COMPUTE_DTYPES[args.dtype])
-    shape = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
-    for name, value in shape.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    recorded = recorded_batch_shape(path)
+    shape = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded}
+    unset = [name for name in shape if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, shape[name])
+    origin = ("as given" if not unset else "as its run trained" if recorded else
+              "the default shape: no run folder beside the checkpoint; compare checkpoints at one --block-size "
+              "and --batch-size")
     cache_dir = args.cache_dir or default_cache_dir(path.resolve().parent)
     corpus = load_corpus(args, cache_dir)
     corpus.check_block_size(args.block_size)
@@ -126,7 +130,7 @@ def run(args):
     x = " ".join(f"{s:.3f}" for s in metrics["sparsity_x"])
     y = " ".join(f"{s:.3f}" for s in metrics["sparsity_y"])
     shape = " x ".join(map(str, batches[..., 1:].shape))
-    print(f"{args.checkpoint}: validation on {corpus.source} ({shape} bytes)")
+    print(f"{args.checkpoint}: validation on {corpus.source} ({shape} bytes, {origin})")
     print(f"val loss {metrics['val_loss']:.4f} | bits per byte {metrics['val_bpb']:.4f}")
     print(f"non-zero x per layer: {x} | non-zero y per layer: {y}")
     return metrics
