@@ -204,7 +204,8 @@ def open_dataset(spec: str, split: str):
     except HubSilent as e:
         raise DataError(f"{spec}: cannot load the dataset: {e}") from None
     except Exception as e:
-        raise DataError(f"{spec}: cannot load the dataset (split {split!r}): {summary(e)}") from None
+        where = "" if path.exists() else " from the Hub"
+        raise DataError(f"{spec}: cannot load the dataset{where} (split {split!r}): {summary(e)}") from None
 
 
 def text_column(ds, text_field, spec: str) -> str:
