@@ -152,3 +152,24 @@ def test_a_bad_timeout_setting_is_one_line(tmp_path, tiny):
                                BDH_HUB_TIMEOUT="soon")
     assert code == 2
     assert err == ["bdh-mlx generate: error: BDH_HUB_TIMEOUT must be a positive number of seconds, got 'soon'"]
+
+
+def test_the_bound_acts_inside_bdh_mlx_calls_only(monkeypatch):
+    """A Hub silent for BDH_HUB_TIMEOUT stops a call inside ``bounded_network``; huggingface_hub used directly,
+    afterwards, is left as it is."""
+    from huggingface_hub import constants, get_session
+
+    from bdh_mlx.storage.hub import HubSilent, bounded_network
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("BDH_HUB_TIMEOUT", "0.05")
+    server = JunkServer()
+    try:
+        with bounded_network():
+            time.sleep(0.1)
+            with pytest.raises(HubSilent, match=rf"^no answer from {server.url} for 0.05 s \(BDH_HUB_TIMEOUT\)$"):
+                get_session().get(server.url)
+        time.sleep(0.1)
+        assert get_session().get(server.url).status_code == 200
+    finally:
+        server.close()

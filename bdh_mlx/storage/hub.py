@@ -53,10 +53,12 @@ def hub_patience() -> float:
 
 
 class _Watch:
-    """When the Hub last answered (a response, or a chunk of one), shared by every thread of a call."""
+    """When the Hub last answered (a response, or a chunk of one), shared by every thread of a call; the hooks
+    act only inside ``bounded_network`` (``active``), so other uses of huggingface_hub are left as they are."""
 
     last_answer = 0.0
     patience = DEFAULT_PATIENCE
+    active = 0
 
     @classmethod
     def answered(cls):
@@ -67,6 +69,8 @@ class _Watch:
         """An httpx request hook: refuse once the Hub has been silent too long, else bound the wait for a byte."""
         from huggingface_hub import constants
 
+        if not cls.active:
+            return
         remaining = cls.patience - (time.monotonic() - cls.last_answer)
         if remaining <= 0:
             raise HubSilent(f"no answer from {request.url.scheme}://{request.url.netloc.decode()} for "
@@ -81,6 +85,9 @@ class _Watch:
     def on_response(cls, response):
         """An httpx response hook: an answer, and every chunk of its body, counts as the Hub answering."""
         import httpx2
+
+        if not cls.active:
+            return
 
         class Answering(httpx2.SyncByteStream):
             def __init__(self, stream):
@@ -128,9 +135,11 @@ def bounded_network():
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    _Watch.active += 1
     try:
         yield
     finally:
+        _Watch.active -= 1
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
