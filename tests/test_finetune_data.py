@@ -81,3 +81,13 @@ def test_an_empty_valid_file_in_a_folder_is_named(base, tmp_path, capsys):
     (folder / "valid.jsonl").write_text("\n")
     valid = folder / "valid.jsonl"
     fails_with(base, tmp_path, capsys, folder, f"{valid} (validation): no examples (the data is empty)")
+
+
+def test_a_corrupt_parquet_file_is_one_line(base, tmp_path, capfd):
+    data = tmp_path / "pairs.parquet"
+    data.write_bytes(b"PAR1" + bytes(range(256)) * 8)
+    out = tmp_path / "run"
+    assert finetune_main([*FT, "--init-from", str(base), "--data", str(data), "--out", str(out)]) == 2
+    err = capfd.readouterr().err  # at the file descriptor: datasets logs through a handler of its own
+    assert err.startswith(f"bdh-mlx finetune: error: {data}: cannot load the dataset (split 'train'): ")
+    assert err.count("\n") == 1 and not out.exists()

@@ -27,7 +27,7 @@ TOKEN_HINT = "set HF_TOKEN or run `hf auth login`"
 PATIENCE_VARIABLE = "BDH_HUB_TIMEOUT"
 DEFAULT_PATIENCE = 30.0
 SUMMARY_CHARS = 300  # of an error message from elsewhere
-QUIET_LOGGERS = ("huggingface_hub", "datasets", "fsspec")  # their retry warnings would be a dozen lines
+QUIET_LOGGERS = ("huggingface_hub", "datasets", "fsspec")  # retry warnings alone would be a dozen lines
 
 
 class HubError(CheckpointError):
@@ -126,22 +126,31 @@ def _bound_client_factory():
 
 
 @contextlib.contextmanager
+def quiet_logs():
+    """huggingface_hub's, datasets' and fsspec's log lines silenced: what fails is raised, and told in one line."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def bounded_network():
     """Hub calls inside end in bounded time (see the module docstring), with their retry warnings silenced."""
     _bound_client_factory()
     _Watch.patience = hub_patience()
     _Watch.answered()
-    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
     _Watch.active += 1
     try:
-        yield
+        with quiet_logs():
+            yield
     finally:
         _Watch.active -= 1
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def looks_like_path(spec: str) -> bool:
