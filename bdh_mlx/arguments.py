@@ -13,6 +13,15 @@ from bdh_mlx.storage.files import COMPUTE_DTYPES
 
 DEFAULT_BLOCK_SIZE, DEFAULT_BATCH_SIZE = 512, 32  # the official recipe
 SEED_MAX = 2**62  # mx.random.seed takes an unsigned 64-bit integer; leave room for seed + 1
+# Optional packages (imported where they are needed) and the pip install that brings each one.
+EXTRAS = {
+    "matplotlib": "pip install 'bdh-mlx[plot]'",
+    "scipy": "pip install 'bdh-mlx[interpret]'",
+    "networkx": "pip install 'bdh-mlx[interpret]'",
+    "torch": "pip install 'bdh-mlx[torch]'",
+    "wandb": "pip install wandb",
+    "yaml": "pip install pyyaml",
+}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -94,11 +103,17 @@ def describe_os_error(error: OSError) -> str:
     return f"{where}{error.strerror or error}"
 
 
+def describe_missing_module(error: ModuleNotFoundError) -> str:
+    """One line for a package that is not installed: which ``pip install`` brings it."""
+    name = (error.name or "").split(".")[0] or "a package"
+    return f"this needs {name}, which is not installed: {EXTRAS.get(name, f'pip install {name}')}"
+
+
 def run_command(prog: str, parse, run, argv=None) -> int:
     """Parse ``argv`` and call ``run(args)``; returns the exit code.
 
-    0: done; 2: bad input or a failure reported as one line on stderr (a BDHError or an OS error
-    such as a full disk or a read-only folder); 130: interrupted (Ctrl-C).
+    0: done; 2: bad input or a failure reported as one line on stderr (a BDHError, an OS error
+    such as a full disk or a read-only folder, or a missing optional package); 130: interrupted (Ctrl-C).
     """
     try:
         run(parse(argv))
@@ -109,6 +124,9 @@ def run_command(prog: str, parse, run, argv=None) -> int:
         return 2
     except OSError as e:
         print(f"{prog}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        print(f"{prog}: error: {describe_missing_module(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

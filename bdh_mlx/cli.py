@@ -41,7 +41,14 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"bdh-mlx: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    try:
+        command = importlib.import_module(COMMANDS[argv[0]][0])
+    except ModuleNotFoundError as e:  # an optional package the command needs (the interpret commands: scipy)
+        from bdh_mlx.arguments import describe_missing_module
+
+        print(f"bdh-mlx {argv[0]}: error: {describe_missing_module(e)}", file=sys.stderr)
+        return 2
+    return command.main(argv[1:])
 
 
 if __name__ == "__main__":

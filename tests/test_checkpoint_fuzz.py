@@ -335,6 +335,10 @@ def test_read_npz_keeps_scalars_and_checks_expected_entries(tmp_path):
         (lambda a: a.update(offset=np.array([-1], np.int64)), "offset holds positions outside"),
         (lambda a: a.update(state_0=a["state_0"].astype(np.int32)), "state_0 has dtype int32"),
         (lambda a: a.update(state_0=np.full_like(a["state_0"], 1, ">f4")), None),
+        (lambda a: a.update(state_0=a["state_0"][:0], state_1=a["state_1"][:0], offset=np.zeros(0, np.int32)),
+         "the cache holds no rows (texts)"),
+        (lambda a: a["state_1"].__setitem__((0, 1, 5, 3), np.nan), "state_1 holds NaN or infinite values"),
+        (lambda a: a["state_0"].__setitem__((0, 0, 0, 0), -np.inf), "state_0 holds NaN or infinite values"),
     ],
 )
 def test_bad_caches(tmp_path, change, message):

@@ -34,7 +34,7 @@ def test_eval_command_is_deterministic_and_matches_training(finished_run, corpus
         assert first[key] == final[key], key  # the same function, batches and weights as in training
     out = capsys.readouterr().out
     assert f"val loss {final['val_loss']:.4f} | bits per byte {final['val_bpb']:.4f}" in out
-    assert "(2 x 4 x 32 bytes)" in out
+    assert "(2 x 4 x 32 bytes, as its run trained)" in out
 
 
 def test_sparsity_counts_nonzero_activations(finished_run, corpus_file):

@@ -23,6 +23,7 @@ from bdh_mlx.inference.generate import (
 )
 from bdh_mlx.inference.sample_utils import make_logits_processors, make_sampler
 from bdh_mlx.model import BDH, BDHConfig
+from bdh_mlx.modeling.cache import BDHCache
 from bdh_mlx.storage import checkpoint
 
 TOL = FP32_TOL
@@ -193,6 +194,17 @@ def test_cli_prompt_cache(model, ckpt, capsys, tmp_path):
     assert run_cli([*base, "--prompt", "first part, ", "--save-cache", str(saved)], capsys)[0] == 0
     code, out, _ = run_cli([*base, "--prompt", "second", "--load-cache", str(saved)], capsys)
     assert code == 0 and out == "second" + generate(model, "first part, second", max_tokens=10) + "\n"
+
+
+def test_cli_refuses_a_cache_of_several_rows_at_load(model, ckpt, capsys, tmp_path):
+    saved = tmp_path / "three.npz"
+    cache = model.make_cache(3)
+    prefill(model, mx.array([list(b"abc")] * 3), cache)
+    cache.save(saved)
+    assert BDHCache.load(saved, model.config).batch_size == 3  # the library takes it (batch_generate)
+    code, out, err = run_cli(["--checkpoint", str(ckpt), "--prompt", "x", "--load-cache", str(saved)], capsys)
+    assert (code, out) == (2, "")
+    assert err == f"bdh-mlx generate: error: {saved}: the cache holds 3 rows (texts), not the 1 continued here\n"
 
 
 @pytest.mark.parametrize(

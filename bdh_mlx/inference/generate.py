@@ -344,7 +344,7 @@ def run(args):
     else:
         prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     tokens = encode_prompt(prompt, model.config.vocab_size)
-    cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, config=model.config)
+    cache = model.make_cache(1) if args.load_cache is None else BDHCache.load(args.load_cache, model.config, 1)
     if args.instruction is None:  # an instruction's answer is printed alone
         sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
         sys.stdout.flush()

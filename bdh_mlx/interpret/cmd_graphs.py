@@ -28,7 +28,7 @@ def build_parser():
 
 
 def run(args):
-    model = checkpoint.load(args.checkpoint)
+    model = checkpoint.load_float(args.checkpoint)  # a quantized one dequantized
     top_k = args.top_k if args.top_k or args.threshold is not None else 16
     summaries = graph_summary(model, args.kind, top_k, args.threshold, args.head)
     for s in summaries:

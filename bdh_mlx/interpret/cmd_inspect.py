@@ -36,7 +36,7 @@ def build_parser():
 
 def run(args):
     data = read_text(args)
-    model = checkpoint.load(args.checkpoint)
+    model = checkpoint.load_float(args.checkpoint)  # a quantized one dequantized
     if args.synapse:
         check_synapses(model.config, args.synapse)
     atlas = Atlas.load(args.atlas) if args.atlas else None

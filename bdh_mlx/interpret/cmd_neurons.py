@@ -33,7 +33,7 @@ def run(args):
     if not Path(args.data).is_file():
         raise InterpretError(f"{args.data}: no such file")
     data = np.asarray(memmap_bytes(args.data))[: args.max_bytes]
-    model = checkpoint.load(args.checkpoint)
+    model = checkpoint.load_float(args.checkpoint)  # a quantized one dequantized
     atlas = build_atlas(model, data, args.top_k, args.context, args.chunk_size, not args.no_progress, args.data)
     atlas.save(args.out)
     for i, layer in enumerate(atlas.meta["layers"]):

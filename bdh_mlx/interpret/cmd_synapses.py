@@ -50,7 +50,7 @@ def held_out_split(texts: list) -> tuple:
 
 
 def run(args):
-    model = checkpoint.load(args.checkpoint)
+    model = checkpoint.load_float(args.checkpoint)  # a quantized one dequantized
     progress = not args.no_progress
     if args.concept or args.other:
         if not (args.concept and args.other):

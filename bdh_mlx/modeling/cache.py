@@ -138,8 +138,9 @@ class BDHCache:
         atomic_savez(path, arrays)
 
     @classmethod
-    def load(cls, path, config=None) -> "BDHCache":
-        """Read a cache saved by ``save``; with ``config``, check that it fits that model.
+    def load(cls, path, config=None, batch_size=None) -> "BDHCache":
+        """Read a cache saved by ``save``; with ``config``, check that it fits that model, with ``batch_size``,
+        that it holds that many rows. Every state must be finite.
 
         Names, shapes and dtypes are checked from the ``.npy`` headers before any state is inflated.
         """
@@ -155,6 +156,11 @@ class BDHCache:
                 raise CheckpointError(f"{path}: the states are not all of one (B, n_head, N, D) shape")
             if headers[_OFFSET_KEY].shape != shape[:1]:
                 raise CheckpointError(f"{path}: offset has shape {headers[_OFFSET_KEY].shape}, expected {shape[:1]}")
+            if shape[0] == 0:
+                raise CheckpointError(f"{path}: the cache holds no rows (texts)")
+            if batch_size is not None and shape[0] != batch_size:
+                raise CheckpointError(f"{path}: the cache holds {shape[0]} rows (texts), not the {batch_size} "
+                                      f"continued here")
             if config is not None:
                 want = (config.n_head, config.n_neurons, config.n_embd)
                 if n_layer != config.n_layer or shape[1:] != want:
@@ -162,8 +168,11 @@ class BDHCache:
                         f"{path}: cache of {n_layer} layers of {shape[1:]} does not fit the model "
                         f"({config.n_layer} layers of {want})"
                     )
-            states = [mx.array(npz.read(name, kinds="f").astype(np.float32, copy=False)) for name in names[:-1]]
+            states = [npz.read(name, kinds="f").astype(np.float32, copy=False) for name in names[:-1]]
             offset = npz.read(_OFFSET_KEY, kinds="iu")
+        bad = next((i for i, state in enumerate(states) if not np.isfinite(state).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: state_{bad} holds NaN or infinite values (a damaged cache)")
         if not ((offset >= 0) & (offset < 2**31)).all():
             raise CheckpointError(f"{path}: offset holds positions outside [0, 2**31)")
-        return cls(states, mx.array(offset.astype(np.int32)))
+        return cls([mx.array(state) for state in states], mx.array(offset.astype(np.int32)))

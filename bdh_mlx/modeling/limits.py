@@ -4,6 +4,7 @@ checkpoint from elsewhere) cannot hang or overflow."""
 import numpy as np
 
 from bdh_mlx.errors import ConfigError
+from bdh_mlx.inference.template import check_template
 from bdh_mlx.modeling.quantized import check_quantization
 
 ATTENTION_FORMS = ("auto", "parallel", "chunked")
@@ -47,11 +48,4 @@ def check_config(config):
             f"the config has {config.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} (2**34) allowed"
         )
     config.quantization = check_quantization(config.quantization, config.n_embd, config.n_neurons)
-    if config.prompt_template is not None:
-        keys = ("prompt", "prompt_input", "end")
-        if not isinstance(config.prompt_template, dict) or not all(
-            isinstance(config.prompt_template.get(k), str) for k in keys
-        ):
-            raise ConfigError(
-                f"prompt_template must map {', '.join(keys)} to strings, got {config.prompt_template!r}"
-            )
+    config.prompt_template = check_template(config.prompt_template)

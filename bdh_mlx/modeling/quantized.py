@@ -105,8 +105,9 @@ def check_quantization(quantization, n_embd: int, n_neurons: int):
         raise ConfigError(f"quantization group size must be 32, 64 or 128, got {group_size!r}")
     for name, size in (("n_embd", n_embd), ("neurons per head", n_neurons)):
         if size % group_size:
+            fitting = [str(g) for g in GROUP_SIZES if not n_embd % g and not n_neurons % g]
             raise ConfigError(f"quantization group size {group_size} does not divide {name} ({size}); "
-                              f"choose one of {', '.join(str(g) for g in GROUP_SIZES if not n_embd % g)}")
+                              + (f"choose one of {', '.join(fitting)}" if fitting else "no group size fits"))
     return {"bits": int(bits), "group_size": int(group_size), "embedding": bool(quantization.get("embedding", False))}
 
 
@@ -116,4 +117,23 @@ def make_quantized_weights(config) -> dict:
     return {
         name: (QuantizedEmbedding if name == "embed" else QuantizedWeight)(shape, q["group_size"], q["bits"])
         for name, shape in stored_shapes(config).items()
+    }
+
+
+def default_group_size(config) -> int:
+    """The largest group size that divides both n_embd and the neurons per head (the ConfigError's choice if none)."""
+    fitting = [g for g in GROUP_SIZES if not config.n_embd % g and not config.n_neurons % g]
+    return max(fitting, default=GROUP_SIZES[-1])
+
+
+def dequantized_weights(model) -> dict:
+    """The float32 weights, under the official names, that a quantized ``model``'s weights stand for."""
+    nh, N, D = model.config.n_head, model.config.n_neurons, model.config.n_embd
+    embed = model.embed
+    return {
+        "embed.weight": embed.dequantize() if isinstance(embed, QuantizedEmbedding) else embed.weight,
+        "encoder": model.encoder.dequantize().swapaxes(-1, -2),
+        "encoder_v": model.encoder_v.dequantize().swapaxes(-1, -2),
+        "decoder": model.decoder.dequantize().swapaxes(-1, -2).reshape(nh * N, D),
+        "lm_head": model.lm_head.dequantize().T,
     }

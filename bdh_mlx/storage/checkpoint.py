@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from bdh_mlx.errors import BDHError, CheckpointError
 from bdh_mlx.inference.engines import choose_engine
 from bdh_mlx.model import BDH, BDHConfig, rope_frequencies
-from bdh_mlx.modeling.quantized import quantized_weight_shapes
+from bdh_mlx.modeling.quantized import dequantized_weights, quantized_weight_shapes
 from bdh_mlx.storage.files import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
 from bdh_mlx.storage.hub import resolve_checkpoint
 
@@ -197,3 +197,15 @@ def load(path, compute_dtype=mx.float32, engine="auto", **config_overrides) -> B
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model.eval()
+
+
+def load_float(path) -> BDH:
+    """Like ``load``, with a quantized checkpoint's weights dequantized to float32 (the values they stand for):
+    for the commands that read or combine weights (``merge``, the interpret commands)."""
+    model = load(path)
+    if model.config.quantization is None:
+        return model
+    float_model = BDH(replace(model.config, quantization=None), rope_freqs=model._freqs)
+    float_model.load_weights(list(dequantized_weights(model).items()), strict=True)
+    mx.eval(float_model.parameters())
+    return float_model.eval()

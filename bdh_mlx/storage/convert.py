@@ -7,6 +7,7 @@ The mapping itself is plain numpy (``from_torch_state_dict``, ``to_torch_state_d
 torch is imported only to read and write ``.pt`` files.
 """
 
+import io
 import math
 import pickle
 from pathlib import Path
@@ -150,7 +151,9 @@ def save_torch_state_dict(path, state_dict: dict):
     torch = _import_torch()
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
     tensors[FREQS_KEY] = official_freqs(torch, state_dict[FREQS_KEY].shape[-1])
-    atomic_write(path, lambda f: torch.save(tensors, f))
+    serialized = io.BytesIO()  # torch.save turns a write error (a full disk) into a RuntimeError: write it here
+    torch.save(tensors, serialized)
+    atomic_write(path, lambda f: f.write(serialized.getbuffer()))
 
 
 def torch_to_mlx(src, out, n_layer: int | None = None, dropout: float | None = None) -> BDHConfig:

@@ -3,9 +3,17 @@
 A model repo holds ``model.npz`` (the bdh-mlx checkpoint), ``config.json`` and a ``README.md`` model card.
 Downloads go through ``huggingface_hub.snapshot_download`` into the standard Hugging Face cache, so
 ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and ``HF_ENDPOINT`` work as everywhere else.
+
+Every Hub call is bounded (``bounded_network``): huggingface_hub's shared client waits forever by default.
+Each request waits at most ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds for a byte, and no request starts once the
+Hub has not answered for ``BDH_HUB_TIMEOUT`` seconds (default 30), so retries end too.
 """
 
 import contextlib
+import logging
+import math
+import os
+import time
 from pathlib import Path
 
 from bdh_mlx.errors import CheckpointError
@@ -16,10 +24,133 @@ CARD_FILE = "README.md"
 REPO_FILES = (MODEL_FILE, CONFIG_FILE, CARD_FILE)
 
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login`"
+PATIENCE_VARIABLE = "BDH_HUB_TIMEOUT"
+DEFAULT_PATIENCE = 30.0
+SUMMARY_CHARS = 300  # of an error message from elsewhere
+QUIET_LOGGERS = ("huggingface_hub", "datasets", "fsspec")  # retry warnings alone would be a dozen lines
 
 
 class HubError(CheckpointError):
     """A Hub repo that cannot be reached, found, read or written."""
+
+
+class HubSilent(HubError):
+    """The Hub has not answered for ``BDH_HUB_TIMEOUT`` seconds."""
+
+
+def hub_patience() -> float:
+    """Seconds without an answer from the Hub before a call gives up: ``BDH_HUB_TIMEOUT``, default 30."""
+    text = os.environ.get(PATIENCE_VARIABLE, "")
+    if not text:
+        return DEFAULT_PATIENCE
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise HubError(f"{PATIENCE_VARIABLE} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+class _Watch:
+    """When the Hub last answered (a response, or a chunk of one), shared by every thread of a call; the hooks
+    act only inside ``bounded_network`` (``active``), so other uses of huggingface_hub are left as they are."""
+
+    last_answer = 0.0
+    patience = DEFAULT_PATIENCE
+    active = 0
+
+    @classmethod
+    def answered(cls):
+        cls.last_answer = time.monotonic()
+
+    @classmethod
+    def before_request(cls, request):
+        """An httpx request hook: refuse once the Hub has been silent too long, else bound the wait for a byte."""
+        from huggingface_hub import constants
+
+        if not cls.active:
+            return
+        remaining = cls.patience - (time.monotonic() - cls.last_answer)
+        if remaining <= 0:
+            raise HubSilent(f"no answer from {request.url.scheme}://{request.url.netloc.decode()} for "
+                            f"{cls.patience:g} s ({PATIENCE_VARIABLE})")
+        wait = min(constants.HF_HUB_DOWNLOAD_TIMEOUT, remaining)
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            kind: min(given.get(kind) or wait, wait) for kind in ("connect", "read", "write", "pool")
+        }
+
+    @classmethod
+    def on_response(cls, response):
+        """An httpx response hook: an answer, and every chunk of its body, counts as the Hub answering."""
+        import httpx2
+
+        if not cls.active:
+            return
+
+        class Answering(httpx2.SyncByteStream):
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __iter__(self):
+                for chunk in self.stream:
+                    cls.answered()
+                    yield chunk
+
+            def close(self):
+                self.stream.close()
+
+        cls.answered()
+        response.stream = Answering(response.stream)
+
+
+def _bound_client_factory():
+    """Make huggingface_hub build its shared client (again after each connection error) with ``_Watch``'s hooks."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    make_client = _http._GLOBAL_CLIENT_FACTORY  # the default, or one a user set
+    if getattr(make_client, "bounded", False):
+        return
+
+    def bounded_client():
+        client = make_client()
+        hooks = client.event_hooks
+        client.event_hooks = {"request": [*hooks["request"], _Watch.before_request],
+                              "response": [*hooks["response"], _Watch.on_response]}
+        return client
+
+    bounded_client.bounded = True
+    huggingface_hub.set_client_factory(bounded_client)
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """huggingface_hub's, datasets' and fsspec's log lines silenced: what fails is raised, and told in one line."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def bounded_network():
+    """Hub calls inside end in bounded time (see the module docstring), with their retry warnings silenced."""
+    _bound_client_factory()
+    _Watch.patience = hub_patience()
+    _Watch.answered()
+    _Watch.active += 1
+    try:
+        with quiet_logs():
+            yield
+    finally:
+        _Watch.active -= 1
 
 
 def looks_like_path(spec: str) -> bool:
@@ -72,7 +203,9 @@ def download(repo_id: str, revision=None) -> Path:
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision=None, missing: str = "no such Hub repo"):
-    """Turn huggingface_hub's exceptions (multi-line, with URLs) into one-line HubErrors naming ``repo_id``."""
+    """Turn huggingface_hub's exceptions (multi-line, with URLs) into one-line HubErrors naming ``repo_id``;
+    the calls inside are bounded in time (``bounded_network``)."""
+    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -84,7 +217,10 @@ def hub_errors(repo_id: str, revision=None, missing: str = "no such Hub repo"):
     )
 
     try:
-        yield
+        with bounded_network():
+            yield
+    except HubError:
+        raise
     except GatedRepoError:
         raise HubError(f"{repo_id}: a gated repo; accept its conditions on the Hub, then {TOKEN_HINT}") from None
     except RepositoryNotFoundError:
@@ -101,9 +237,15 @@ def hub_errors(repo_id: str, revision=None, missing: str = "no such Hub repo"):
         if e.response is not None and e.response.status_code == 401:
             raise HubError(f"{repo_id}: the Hub refused access (401); {TOKEN_HINT}") from None
         raise HubError(f"{repo_id}: Hub request failed: {summary(e)}") from None
+    except httpx2.HTTPError as e:  # a network failure outside huggingface_hub's own handling
+        raise HubError(f"{repo_id}: cannot reach the Hub at {constants.ENDPOINT} ({summary(e)})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an answer that is not the Hub's API
+        raise HubError(f"{repo_id}: the Hub at {constants.ENDPOINT} answered something unexpected "
+                       f"({type(e).__name__}: {summary(e)})") from None
 
 
 def summary(error: Exception) -> str:
     """huggingface_hub's message on one line (its first two lines hold the status and the URL)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
+    text = " ".join(lines[:2]) if lines else type(error).__name__
+    return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 3] + "..."

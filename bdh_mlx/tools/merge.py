@@ -60,11 +60,11 @@ def build_parser():
 
 
 def run(args):
-    merged = merge(checkpoint.load(args.a), checkpoint.load(args.b))
+    merged = merge(checkpoint.load_float(args.a), checkpoint.load_float(args.b))  # quantized ones dequantized
     checkpoint.save(merged, args.out)
     c = merged.config
     print(f"wrote {args.out}: N {c.n_neurons} per head (mlp_internal_dim_multiplier {c.mlp_internal_dim_multiplier}), "
-          f"{c.num_parameters:,} parameters")
+          f"{c.num_parameters:,} parameters, float32")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Quantizing a model's weights to 4 or 8 bits (``quantize``), and ``bdh-mlx quantize``.
 
-``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 64] [--embedding] --out Q.npz``
+``bdh-mlx quantize --checkpoint CKPT --bits 4|8 [--group-size 32|64|128] [--embedding] --out Q.npz``
 """
 
 import os
@@ -12,18 +12,21 @@ import mlx.core as mx
 from bdh_mlx.arguments import ArgumentParser, run_command
 from bdh_mlx.errors import BDHError
 from bdh_mlx.inference.engines import choose_engine
-from bdh_mlx.modeling.quantized import QuantizedEmbedding, QuantizedWeight, stored_shapes
+from bdh_mlx.modeling.quantized import QuantizedEmbedding, QuantizedWeight, default_group_size, stored_shapes
 from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage.hub import resolve_checkpoint
 
 
-def quantize(model, bits: int = 4, group_size: int = 64, embedding: bool = False):
+def quantize(model, bits: int = 4, group_size: int | None = None, embedding: bool = False):
     """Quantize ``model``'s encoder, encoder_v, decoder, lm_head (and embedding) in place; returns the model.
 
+    ``group_size`` defaults to the largest of 128, 64, 32 that divides n_embd and the neurons per head.
     The model is then for inference only: it is put in eval mode, and a training forward pass is refused.
     """
     config = model.config
     if config.quantization is not None:
         raise BDHError(f"the model is already quantized ({config.quantization['bits']}-bit)")
+    group_size = default_group_size(config) if group_size is None else group_size
     config = replace(config, quantization={"bits": bits, "group_size": group_size, "embedding": embedding})
     nh = config.n_head
     stored = {
@@ -49,7 +52,8 @@ def build_parser():
                        description="Quantize a checkpoint's weights to 4 or 8 bits (MLX affine quantization).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a float bdh-mlx .npz checkpoint")
     p.add_argument("--bits", type=int, required=True, help="4 or 8")
-    p.add_argument("--group-size", type=int, default=64, help="values sharing one scale and bias: 32, 64 or 128")
+    p.add_argument("--group-size", type=int,
+                   help="values sharing one scale and bias (default: the largest of 128, 64, 32 that fits the model)")
     p.add_argument("--embedding", action="store_true", help="also quantize the embedding table")
     p.add_argument("--out", type=Path, required=True, metavar="Q.npz", help="quantized checkpoint to write")
     return p
@@ -58,11 +62,12 @@ def build_parser():
 def run(args):
     if Path(args.out).is_dir():
         raise BDHError(f"{args.out}: is a directory; --out needs a file name")
-    model = checkpoint.load(args.checkpoint)
+    source = resolve_checkpoint(args.checkpoint)
+    model = checkpoint.load(source)
     quantize(model, args.bits, args.group_size, args.embedding)
     checkpoint.save(model, args.out)
-    before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
-    print(f"wrote {args.out}: {args.bits}-bit, group size {args.group_size}, "
+    before, after = os.path.getsize(source), os.path.getsize(args.out)
+    print(f"wrote {args.out}: {args.bits}-bit, group size {model.config.quantization['group_size']}, "
           f"{after / 1e6:.2f} MB ({after / before:.3f} of {before / 1e6:.2f} MB)")
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from bdh_mlx.errors import DataError
 from bdh_mlx.storage.files import atomic_write
+from bdh_mlx.storage.hub import HubSilent, bounded_network, quiet_logs, summary
 
 VAL_FRACTION = 0.1
 GLOB_CHARS = "*?["
@@ -178,30 +179,38 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def open_dataset(spec: str, split: str):
     """A ``datasets.Dataset``: a saved dataset (``load_from_disk``), local data files, or a hub name."""
-    import datasets
+    import datasets  # before quiet_logs: importing it sets its log level
 
     path = Path(spec).expanduser()
     try:
-        if _is_saved_dataset(path):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{spec}: no split {split!r}; splits: {', '.join(ds)}")
-                ds = ds[split]
-            return ds
-        if path.is_file():
-            builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DataError(f"{spec}: unknown dataset file type; use one of {', '.join(DATASET_FILE_BUILDERS)}")
-            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-        if path.is_dir():
-            return datasets.load_dataset(str(path), split=split)
-        return datasets.load_dataset(spec, split=split)  # a hub name
+        with quiet_logs():
+            return _open_dataset(datasets, spec, path, split)
     except DataError:
         raise
+    except HubSilent as e:
+        raise DataError(f"{spec}: cannot load the dataset: {e}") from None
     except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{spec}: cannot load the dataset (split {split!r}): {message}") from None
+        where = "" if path.exists() else " from the Hub"
+        raise DataError(f"{spec}: cannot load the dataset{where} (split {split!r}): {summary(e)}") from None
+
+
+def _open_dataset(datasets, spec: str, path: Path, split: str):
+    if _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{spec}: no split {split!r}; splits: {', '.join(ds)}")
+            ds = ds[split]
+        return ds
+    if path.is_file():
+        builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{spec}: unknown dataset file type; use one of {', '.join(DATASET_FILE_BUILDERS)}")
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split)
+    with bounded_network():  # a hub name
+        return datasets.load_dataset(spec, split=split)
 
 
 def text_column(ds, text_field, spec: str) -> str:

@@ -113,9 +113,14 @@ def recorded_batch_shape(path: Path) -> dict:
 def run(args):
     path = resolve_checkpoint(args.checkpoint)
     model = checkpoint.load(path, compute_dtype=COMPUTE_DTYPES[args.dtype])
-    recorded = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded_batch_shape(path)}
-    block_size, batch_size = (recorded[name] if getattr(args, name) is None else getattr(args, name)
+    recorded = recorded_batch_shape(path)
+    shape = {"block_size": DEFAULT_BLOCK_SIZE, "batch_size": DEFAULT_BATCH_SIZE, **recorded}
+    unset = [name for name in shape if getattr(args, name) is None]
+    block_size, batch_size = (shape[name] if name in unset else getattr(args, name)
                               for name in ("block_size", "batch_size"))
+    origin = ("as given" if not unset else "as its run trained" if recorded else
+              "the default shape: no run folder beside the checkpoint; compare checkpoints at one --block-size "
+              "and --batch-size")
     corpus = load_corpus(args.cache_dir or default_cache_dir(path.resolve().parent), **corpus_options(args))
     corpus.check_block_size(block_size)
     batches = eval_batches(corpus.val, batch_size, block_size, args.eval_batches)
@@ -123,7 +128,7 @@ def run(args):
     x = " ".join(f"{s:.3f}" for s in metrics["sparsity_x"])
     y = " ".join(f"{s:.3f}" for s in metrics["sparsity_y"])
     shape = " x ".join(map(str, batches[..., 1:].shape))
-    print(f"{args.checkpoint}: validation on {corpus.source} ({shape} bytes)")
+    print(f"{args.checkpoint}: validation on {corpus.source} ({shape} bytes, {origin})")
     print(f"val loss {metrics['val_loss']:.4f} | bits per byte {metrics['val_bpb']:.4f}")
     print(f"non-zero x per layer: {x} | non-zero y per layer: {y}")
     return metrics

@@ -127,6 +127,32 @@ def normalise(records: list, source: str) -> tuple:
     return usable, fmt
 
 
+def parse_json(text: str, where: str):
+    """One JSON value that holds only text UTF-8 can encode; a one-line DataError naming ``where`` otherwise."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: holds {e.object[e.start]!r}, a lone surrogate, which is not text") from None
+    except ValueError as e:  # malformed JSON, or a number too long to read (over 4300 digits)
+        reason = str(e).splitlines()[0][:200]
+        raise DataError(f"{where}: not valid JSON ({reason})") from None
+    return value
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; a one-line DataError naming the line of the first invalid byte otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") \
+            from None
+
+
 def read_file(path: Path) -> list:
     """The records of a JSON lines, JSON (a list of objects) or parquet file."""
     suffix = path.suffix.lower()
@@ -134,23 +160,14 @@ def read_file(path: Path) -> list:
         return open_dataset(str(path), "train").to_list()
     if suffix not in FILE_TYPES:
         raise DataError(f"{path}: unknown file type; use one of {', '.join(FILE_TYPES)}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if suffix == ".json":
-        try:
-            records = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+        records = parse_json(text, str(path)) if text.strip() else []
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json file must hold a list of examples")
         return records
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number} is not valid JSON ({e})") from None
-    return records
+    return [parse_json(line, f"{path}: line {number}")
+            for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def folder_files(folder: Path) -> tuple:
@@ -168,22 +185,24 @@ def dataset_records(spec: str, split: str, limit) -> list:
 
 
 def read_source(spec: str, split: str, val_spec, val_split, limit=None) -> tuple:
-    """``(train records, validation records or None, source description)``; ``limit`` caps dataset reads."""
+    """``(train records, validation records or None, source description, validation source)``; ``limit`` caps
+    dataset reads."""
     path = Path(spec).expanduser()
     if path.is_dir():
         train_file, val_file = folder_files(path)
         val = read_file(val_file) if val_file is not None else None
-        train_records, source = read_file(train_file), str(path)
+        train_records, source, val_source = read_file(train_file), str(path), str(val_file)
     elif path.is_file():
-        train_records, val, source = read_file(path), None, str(path)
+        train_records, val, source, val_source = read_file(path), None, str(path), None
     elif spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES:
         raise DataError(f"{spec}: no such file or folder")
     else:
         train_records, source = dataset_records(spec, split, limit), f"dataset {spec} [{split}]"
         val = dataset_records(spec, val_split, limit) if val_split is not None else None
+        val_source = f"dataset {spec} [{val_split}]"
     if val_spec is not None:
-        val = read_file(Path(val_spec).expanduser())
-    return train_records, val, source
+        val, val_source = read_file(Path(val_spec).expanduser()), val_spec
+    return train_records, val, source, val_source
 
 
 @dataclass
@@ -196,8 +215,8 @@ class InstructionData:
 
 def load_examples(args) -> InstructionData:
     """The training and validation examples the data options name, normalised; ``--max-examples`` caps both."""
-    records, val_records, source = read_source(args.data, args.split, args.val_data, args.val_split,
-                                               args.max_examples)
+    records, val_records, source, val_source = read_source(args.data, args.split, args.val_data, args.val_split,
+                                                           args.max_examples)
     cap = slice(args.max_examples)
     train_examples, fmt = normalise(records[cap], source)
     rng = np.random.Generator(np.random.PCG64(args.seed))
@@ -210,7 +229,7 @@ def load_examples(args) -> InstructionData:
         val_examples = [train_examples[i] for i in order[:n_val]]
         train_examples = [train_examples[i] for i in order[n_val:]]
     else:
-        val_examples = normalise(val_records[cap], f"{source} (validation)")[0]
+        val_examples = normalise(val_records[cap], f"{val_source} (validation)")[0]
         train_examples = [train_examples[i] for i in rng.permutation(len(train_examples))]
     return InstructionData(train_examples, val_examples, fmt, source)
 
