@@ -118,6 +118,11 @@ def read_config(source, raw: np.ndarray, overrides: dict) -> BDHConfig:
         raise CheckpointError(f"{source}: unreadable config ({e})") from None
     if not isinstance(stored, dict):
         raise CheckpointError(f"{source}: unreadable config (a JSON {type(stored).__name__}, not an object)")
+    return config_from_stored(source, stored, overrides)
+
+
+def config_from_stored(source, stored: dict, overrides: dict) -> BDHConfig:
+    """A BDHConfig from a stored JSON object holding every field (unknown keys ignored), checked."""
     missing = [f.name for f in fields(BDHConfig) if f.name not in stored and f.name not in NESTED_FIELDS]
     if missing:
         raise CheckpointError(f"{source}: invalid config: missing {', '.join(missing)}")
@@ -157,6 +162,8 @@ def read_weight(npz: NpzReader, name: str) -> np.ndarray:
 def read_checkpoint(path, **config_overrides):
     """Read and check a checkpoint (a path, or a Hub repo id ``org/name[@revision]``): ``(config, float32 weights)``.
 
+    A ``.npz`` file, or an mlx-lm model folder written by ``bdh-mlx convert --to-mlx-lm`` (``storage/mlx_lm.py``).
+
     ``weights`` also holds ``rope_freqs`` (N,) when the checkpoint stores per-neuron RoPE frequencies (merged models).
 
     ``config_overrides`` replace stored config fields that do not change shapes
@@ -165,6 +172,10 @@ def read_checkpoint(path, **config_overrides):
     the weight is inflated; weights holding NaN or infinities are refused.
     """
     path = resolve_checkpoint(path)
+    if path.is_dir():  # an mlx-lm model folder (bdh-mlx convert --to-mlx-lm)
+        from bdh_mlx.storage.mlx_lm import read_export
+
+        return read_export(path, **config_overrides)
     with NpzReader(path, "checkpoint file") as npz:
         if CONFIG_KEY not in npz.names:
             raise CheckpointError(f"{path}: not a bdh-mlx checkpoint (it has no {CONFIG_KEY} entry)")
