@@ -192,8 +192,11 @@ def header_entry(path: Path, name: str, spec, data_size: int) -> TensorEntry:
         raise CheckpointError(f"{path}: {name}: dtype {spec.get('dtype') if isinstance(spec, dict) else spec!r} "
                               f"is not one of {', '.join(SAFETENSORS_DTYPES)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
-    if not int_list(shape) or not int_list(offsets) or len(offsets) != 2 or not offsets[0] <= offsets[1] <= data_size:
+    if not int_list(shape) or not int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CheckpointError(f"{path}: {name}: bad shape {shape!r} or data offsets {offsets!r}")
+    if offsets[1] > data_size:
+        raise CheckpointError(f"{path}: {name} ends at byte {offsets[1]:,} of the data, which holds {data_size:,} "
+                              f"(a truncated file)")
     raw, dtype = SAFETENSORS_DTYPES[spec["dtype"]]
     if math.prod(shape) * raw.itemsize != offsets[1] - offsets[0]:
         raise CheckpointError(f"{path}: {name}: {offsets[1] - offsets[0]:,} bytes do not hold shape {shape}")

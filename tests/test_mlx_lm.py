@@ -1,0 +1,280 @@
+"""A bdh-mlx model inside mlx-lm: the exported folder, mlx-lm's generate, prompt cache, batching and server."""
+
+import ast
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from bdh_mlx import BDH, BDHConfig, generate, generate_step, load, quantize, save
+from bdh_mlx.errors import CheckpointError
+from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
+from bdh_mlx.storage.checkpoint import read_checkpoint
+from bdh_mlx.storage.mlx_lm import export, tokenizer_json
+
+mlx_lm = pytest.importorskip("mlx_lm")
+from mlx_lm.generate import batch_generate  # noqa: E402
+from mlx_lm.generate import generate_step as mlx_generate_step  # noqa: E402
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache  # noqa: E402
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+PROMPT = " The dragon's é and 😀 "  # a leading space, multi-byte characters
+
+
+def tiny_model(seed=0, **overrides) -> BDH:
+    """A random tiny model with large weights, so that greedy decoding wanders through all kinds of bytes."""
+    mx.random.seed(seed)
+    model = BDH(BDHConfig(**{**TINY, **overrides}))
+    model.update({k: v * 8 for k, v in model.parameters().items() if k != "embed"})
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The tiny base model as .npz and as an mlx-lm folder; an instruction-tuned one as a folder."""
+    root = tmp_path_factory.mktemp("mlx_lm")
+    save(tiny_model(), root / "base.npz")
+    export(root / "base.npz", root / "base")
+    save(tiny_model(1, prompt_template=ALPACA_TEMPLATE), root / "chat.npz")
+    export(root / "chat.npz", root / "chat")
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """mlx-lm's (model, tokenizer) of the base folder, and bdh-mlx's model of the same checkpoint."""
+    model, tokenizer = mlx_lm.load(str(folders / "base"), trust_remote_code=True)
+    return model, tokenizer, load(folders / "base.npz")
+
+
+def bdh_steps(model, prompt, n):
+    """bdh-mlx's greedy tokens and their log-probabilities for ``prompt`` alone."""
+    steps = list(generate_step(model, prompt, max_tokens=n))
+    return [t for t, _ in steps], [float(lp[t]) for t, lp in steps]
+
+
+# --- The folder --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["base", "quantized", "instruction"])
+def test_export_reads_back_exactly(tmp_path, kind):
+    model = tiny_model(prompt_template=ALPACA_TEMPLATE if kind == "instruction" else None)
+    if kind == "quantized":
+        model = quantize(model, bits=4, group_size=32)
+    save(model, tmp_path / "m.npz")
+    export(tmp_path / "m.npz", tmp_path / "dir")
+    (config, weights), (got_config, got) = read_checkpoint(tmp_path / "m.npz"), read_checkpoint(tmp_path / "dir")
+    assert got_config == config
+    assert sorted(got) == sorted(weights)
+    for name, array in weights.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+    idx = mx.array([list(PROMPT.encode())])
+    assert np.array_equal(np.array(load(tmp_path / "dir")(idx)[0]), np.array(load(tmp_path / "m.npz")(idx)[0]))
+
+
+def test_model_file_is_a_few_lines_over_bdh_mlx(folders):
+    source = (folders / "base" / "bdh_model.py").read_text()
+    docstring, *code = ast.parse(source).body
+    assert isinstance(docstring.value, ast.Constant)
+    assert [ast.unparse(c) for c in code] == ["from bdh_mlx.inference.mlx_lm_model import Model, ModelArgs"]
+    assert len(source.splitlines()) <= 5
+
+
+def test_tokenizer_maps_bytes_to_their_values(loaded):
+    _, tokenizer, _ = loaded
+    assert tokenizer.encode(PROMPT) == list(PROMPT.encode("utf-8"))
+    data = bytes(range(256))
+    assert tokenizer.decode(list(data)) == data.decode("utf-8", errors="replace")
+
+
+def test_streaming_detokenizer_keeps_every_byte(loaded):
+    """A leading space, and characters whose bytes come one token at a time, stream out unchanged."""
+    _, tokenizer, _ = loaded
+    detokenizer = tokenizer.detokenizer
+    for text in (PROMPT, " a\n b ", "\n\n  x", "ü😀 \xff"):
+        detokenizer.reset()
+        pieces = []
+        for token in text.encode("utf-8"):
+            detokenizer.add_token(token)
+            pieces.append(detokenizer.last_segment)
+        detokenizer.finalize()
+        pieces.append(detokenizer.last_segment)
+        assert "".join(pieces) == text
+
+
+def write_json(path, content):
+    path.write_text(json.dumps(content))
+
+
+def test_foreign_folders_are_refused_in_one_line(folders, tmp_path):
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    write_json(llama / "config.json", {"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(CheckpointError, match=r"not a bdh-mlx model folder \(model_type 'llama'\)"):
+        read_checkpoint(llama)
+    wrong_tokens = tmp_path / "wrong_tokens"
+    subprocess.run(["cp", "-r", str(folders / "base"), str(wrong_tokens)], check=True)
+    tok = tokenizer_json()
+    tok["model"]["vocab"] = {c: 255 - i for c, i in tok["model"]["vocab"].items()}
+    write_json(wrong_tokens / "tokenizer.json", tok)
+    with pytest.raises(CheckpointError, match="not a byte-level tokenizer whose token ids are the byte values"):
+        read_checkpoint(wrong_tokens)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-4], r"lm_head ends at byte 163,840 of the data, which holds 163,836 \(a truncated file\)"),
+    (lambda b: (10**9).to_bytes(8, "little") + b[8:], r"header length 1,000,000,000 out of bounds"),
+    (lambda b: b.replace(b'"F32"', b'"I64"', 1), "dtype 'I64' is not one of"),
+])
+def test_damaged_safetensors_are_refused(folders, tmp_path, damage, message):
+    folder = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", str(folders / "base"), str(folder)], check=True)
+    path = folder / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
+def test_cli_takes_a_folder_and_refuses_foreign_ones_in_one_line(folders, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for folder, code in ((folders / "base", 0), (tmp_path, 2)):
+        result = subprocess.run([sys.executable, "-m", "bdh_mlx", "generate", "--model", str(folder), "--prompt", "a",
+                                 "-m", "3"], capture_output=True, text=True, env=os.environ)
+        assert result.returncode == code, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "not a bdh-mlx model folder" in result.stderr
+
+
+# --- Inside mlx-lm -----------------------------------------------------------------
+
+
+def test_mlx_lm_generate_prints_what_bdh_mlx_prints(loaded):
+    model, tokenizer, bdh = loaded
+    want = generate(bdh, PROMPT, max_tokens=64)
+    got = mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=64)
+    assert got == want
+    assert any(ord(c) > 0x7F and c != "\ufffd" for c in want), "the continuation should hold a multi-byte character"
+
+
+def test_prompt_cache_saves_and_continues(loaded, tmp_path):
+    """A prompt cache through mlx-lm's save/load (the classes mlx-lm knows) continues as the whole text does."""
+    model, tokenizer, bdh = loaded
+    cache = make_prompt_cache(model)
+    for _ in mlx_generate_step(mx.array(tokenizer.encode(PROMPT)), model, max_tokens=0, prompt_cache=cache):
+        pass  # as mlx_lm.cache_prompt does
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    cache = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    got = mlx_lm.generate(model, tokenizer, "more", max_tokens=20, prompt_cache=cache)
+    assert got == generate(bdh, PROMPT + "more", max_tokens=20)
+
+
+def test_batches_of_different_lengths_match_each_prompt_alone(loaded):
+    """mlx-lm pads the shorter prompts; padding writes nothing, so each row is its prompt run alone."""
+    model, tokenizer, bdh = loaded
+    prompts = [list(p.encode()) for p in ("Hi", PROMPT, "a longer prompt, padded less than the others" * 3)]
+    n = 24
+    result = batch_generate(model, tokenizer, prompts, max_tokens=n, return_token_ids=True, return_logprobs=True)
+    for prompt, tokens, logprobs in zip(prompts, result.token_ids, result.logprobs, strict=True):
+        want_tokens, want_logprobs = bdh_steps(bdh, prompt, n)
+        assert tokens == want_tokens
+        assert_close(logprobs, want_logprobs, "log-probabilities")
+
+
+def test_lora_is_refused_clearly(loaded):
+    model, _, _ = loaded
+    with pytest.raises(Exception, match="no per-layer linear layers for mlx-lm's LoRA"):
+        len(model.layers)
+
+
+# --- mlx_lm.server, through the openai client --------------------------------------------
+
+SERVER_START_SECONDS = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    """``mlx_lm.server`` on a free loopback port with the base and instruction-tuned folders; always stopped."""
+    import openai
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folders / "base"), "--trust-remote-code",
+               "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60, max_retries=0)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlx_lm.server did not start (exit code {process.poll()})")
+                time.sleep(0.5)
+        yield client
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def complete(client, prompt, n, model="default_model", **kwargs):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0.0, **kwargs)
+
+
+@pytest.mark.slow
+def test_server_completions_streamed_and_not(server, folders):
+    bdh = load(folders / "base.npz")
+    want = generate(bdh, PROMPT, max_tokens=32)
+    assert complete(server, PROMPT, 32).choices[0].text == want
+    chunks = complete(server, PROMPT, 32, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
+
+
+@pytest.mark.slow
+def test_server_concurrent_requests_match_each_prompt_alone(server, folders):
+    """Requests of different lengths at once (batched, padded by the server): each gets its own prompt's tokens
+    and log-probabilities."""
+    bdh = load(folders / "base.npz")
+    prompts = ["Hi", PROMPT, "x" * 150, "Another prompt of its own length."]
+    n = 16
+
+    def ask(prompt):
+        choice = complete(server, prompt, n, logprobs=True).choices[0]
+        return [(entry["id"], entry["logprob"]) for entry in choice.logprobs.model_dump()["content"]]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        tokens, logprobs = bdh_steps(bdh, prompt, n)
+        assert [t for t, _ in answer] == tokens
+        assert_close([lp for _, lp in answer], logprobs, "log-probabilities")
+
+
+@pytest.mark.slow
+def test_server_chat_uses_the_stored_template(server, folders):
+    """An instruction-tuned model answers chat messages as bdh-mlx does with its template (and --history)."""
+    bdh = load(folders / "chat.npz")
+    end = ALPACA_TEMPLATE["end"]
+    model = str(folders / "chat")
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    for messages in ([turns[0]], [*turns, {"role": "user", "content": "And another?"}]):
+        prompt = format_prompt(ALPACA_TEMPLATE, messages[-1]["content"], history_text(messages[:-1]))
+        want = generate(bdh, prompt, max_tokens=24, stop=[end])
+        args = dict(model=model, messages=messages, max_tokens=24, temperature=0.0, stop=[end])
+        assert server.chat.completions.create(**args).choices[0].message.content == want
+        chunks = server.chat.completions.create(**args, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
