@@ -1,8 +1,10 @@
 """A bdh-mlx model inside mlx-lm: the exported folder, mlx-lm's generate, prompt cache, batching and server."""
 
 import ast
+import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,11 +17,16 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from bdh_mlx import BDH, BDHConfig, generate, generate_step, load, quantize, save
-from bdh_mlx.errors import CheckpointError
+from bdh_mlx import BDH, BDHConfig, generate, generate_step, load, make_logits_processors, quantize, save
+from bdh_mlx.cli import COMMANDS
+from bdh_mlx.errors import BDHError, CheckpointError
+from bdh_mlx.inference.generate import main as generate_cli
+from bdh_mlx.inference.generate import prefill
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.mlx_lm import export, tokenizer_json
+from bdh_mlx.tools.quantize import main as quantize_cli
+from bdh_mlx.training.evaluate import main as eval_cli
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.generate import batch_generate  # noqa: E402
@@ -278,3 +285,74 @@ def test_server_chat_uses_the_stored_template(server, folders):
         assert server.chat.completions.create(**args).choices[0].message.content == want
         chunks = server.chat.completions.create(**args, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+
+# --- mlx-lm's habits in bdh-mlx's own API and CLI ------------------------------------------
+
+
+def test_mlx_lm_keywords_are_accepted_or_refused_by_name(folders):
+    bdh = load(folders / "base.npz")
+    greedy = generate(bdh, PROMPT, max_tokens=12)
+    assert generate(bdh, PROMPT, max_tokens=12, temp=0.0, prefill_step_size=3) == greedy
+    cache = bdh.make_cache()
+    generate(bdh, PROMPT, max_tokens=1, prompt_cache=cache)  # mlx-lm's name of ``cache``: advanced in place
+    assert int(cache.offset[0]) == len(PROMPT.encode())
+    penalised = generate(bdh, PROMPT, max_tokens=12, logits_processors=make_logits_processors(1.5, 4))
+    assert generate(bdh, PROMPT, max_tokens=12, repetition_penalty=1.5, repetition_context_size=4) == penalised
+    with pytest.raises(BDHError, match="^generate_step\\(\\) does not take max_kv_size: BDH's state has a fixed size"):
+        generate(bdh, PROMPT, max_kv_size=64)
+    with pytest.raises(BDHError, match="^generate_step\\(\\) got an unexpected keyword argument 'tempp'; it takes "):
+        generate(bdh, PROMPT, tempp=0.5)
+    with pytest.raises(BDHError, match="give either temperature or temp"):
+        generate(bdh, PROMPT, temp=0.5, temperature=0.5)
+
+
+def test_load_returns_a_byte_tokenizer_when_asked(folders, loaded):
+    _, mlx_tokenizer, _ = loaded
+    model, tokenizer = load(folders / "base", return_tokenizer=True)
+    assert isinstance(model, BDH)
+    assert tokenizer.encode(PROMPT) == mlx_tokenizer.encode(PROMPT)
+    data = list(range(256)) * 2
+    assert tokenizer.decode(data) == mlx_tokenizer.decode(data)
+    with pytest.raises(BDHError, match=r"take \(model, prompt, ...\): no tokenizer"):
+        generate(model, tokenizer, PROMPT)
+
+
+def test_cli_samples_greedily_by_default(folders, capsys):
+    bdh = load(folders / "base.npz")
+    assert generate_cli(["--model", str(folders / "base"), "-p", PROMPT, "-m", "40"]) == 0
+    assert capsys.readouterr().out == PROMPT + generate(bdh, PROMPT, max_tokens=40) + "\n"
+
+
+def test_printed_prompt_speed_counts_the_prefill(folders, capsys, monkeypatch):
+    """The prompt is read before generation starts (to save the state): its time is the prompt's speed."""
+    slow = 0.5
+
+    def slow_prefill(*args, **kwargs):
+        time.sleep(slow)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr("bdh_mlx.inference.generate.prefill", slow_prefill)
+    assert generate_cli(["--model", str(folders / "base"), "-p", PROMPT, "-m", "2"]) == 0
+    speed = float(re.search(r"Prompt: \d+ tokens, ([\d.]+) tokens-per-sec", capsys.readouterr().err).group(1))
+    assert speed <= len(PROMPT.encode()) / slow
+
+
+@pytest.mark.parametrize("command, rest", [
+    ("generate", ["-p", "x"]), ("chat", []), ("eval", []), ("inspect", ["--text", "x"]), ("neurons", ["--data", "d", "--out", "o"]),
+    ("synapses", []), ("graphs", []), ("quantize", ["--bits", "4", "--out", "q.npz"]),
+    ("upload", ["--repo", "org/name"]),
+])
+def test_model_is_the_checkpoint_everywhere(command, rest):
+    module = importlib.import_module(COMMANDS[command][0])
+    parse = getattr(module, "parse_args", None) or module.build_parser().parse_args
+    assert parse(["--model", "some/folder", *rest]).checkpoint == "some/folder"
+
+
+def test_quantize_and_eval_take_an_mlx_lm_folder(folders, tmp_path, corpus_file):
+    assert quantize_cli(["--model", str(folders / "base"), "--bits", "8", "--group-size", "32",
+                         "--out", str(tmp_path / "q.npz")]) == 0
+    assert read_checkpoint(tmp_path / "q.npz")[0].quantization["bits"] == 8
+    export(tmp_path / "q.npz", tmp_path / "q")
+    assert eval_cli(["--model", str(tmp_path / "q"), "--data", str(corpus_file), "--block-size", "32",
+                     "--batch-size", "2", "--eval-batches", "1"]) == 0

@@ -9,6 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bdh_mlx.errors import BDHError, CheckpointError
+from bdh_mlx.inference.byte_tokenizer import ByteTokenizer
 from bdh_mlx.model.bdh import BDH, BDHConfig, rope_frequencies
 from bdh_mlx.model.quantized import quantized_weight_shapes
 from bdh_mlx.storage.files import NPY_HEADER_MAX, NPY_PREFIX_MAX, NpzReader, atomic_savez, check_names
@@ -193,13 +194,17 @@ def read_checkpoint(path, **config_overrides):
     return config, weights
 
 
-def load(path, **config_overrides) -> BDH:
-    """A ready model, in eval mode, from one ``.npz`` checkpoint or Hub repo id (strict: every weight, right shapes).
+def load(path, return_tokenizer: bool = False, **config_overrides):
+    """A ready model, in eval mode, from a ``.npz`` checkpoint, an mlx-lm model folder or a Hub repo id (strict:
+    every weight, right shapes).
 
-    Call ``model.train()`` before training it further (dropout is off in eval mode).
+    With ``return_tokenizer``, ``(model, ByteTokenizer())``: the shape of mlx-lm's ``model, tokenizer = load(...)``
+    (bdh-mlx's functions take text and need no tokenizer). Call ``model.train()`` before training it further
+    (dropout is off in eval mode).
     """
     config, weights = read_checkpoint(path, **config_overrides)
     model = BDH(config, rope_freqs=weights.pop(ROPE_FREQS_KEY, None))
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
-    return model.eval()
+    model.eval()
+    return (model, ByteTokenizer()) if return_tokenizer else model

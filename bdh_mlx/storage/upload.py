@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.arguments import ArgumentParser, add_checkpoint_argument, run_command
 from bdh_mlx.errors import DataError
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.files import atomic_write, atomic_write_text
@@ -192,7 +192,7 @@ def build_parser():
     p = ArgumentParser(prog=PROG, description="Upload a checkpoint to the Hugging Face Hub with its config and a "
                                               "model card (needs a token with write access: HF_TOKEN or "
                                               "`hf auth login`).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint to upload (path or Hub repo id)")
+    add_checkpoint_argument(p, help="checkpoint to upload (.npz, mlx-lm model folder or Hub repo id; or --model)")
     p.add_argument("--repo", required=True, type=repo_id_arg, metavar="ORG/NAME",
                    help="the Hub repo (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")

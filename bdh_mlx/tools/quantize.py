@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.arguments import ArgumentParser, add_checkpoint_argument, run_command
 from bdh_mlx.errors import BDHError
 from bdh_mlx.model.quantized import quantize
 from bdh_mlx.storage import checkpoint
@@ -12,7 +12,7 @@ from bdh_mlx.storage import checkpoint
 def build_parser():
     p = ArgumentParser(prog="bdh-mlx quantize",
                        description="Quantize a checkpoint's weights to 4 or 8 bits (MLX affine quantization).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a float bdh-mlx .npz checkpoint")
+    add_checkpoint_argument(p, help="a float checkpoint (.npz, mlx-lm model folder or Hub repo id; or --model)")
     p.add_argument("--bits", type=int, required=True, help="4 or 8")
     p.add_argument("--group-size", type=int, default=64, help="values sharing one scale and bias: 32, 64 or 128")
     p.add_argument("--embedding", action="store_true", help="also quantize the embedding table")
