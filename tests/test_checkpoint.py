@@ -87,7 +87,7 @@ CONFIG_JSON = json.dumps(TINY.to_dict())
 # case -> (make(path, model), what the message says after "<path>: ")
 BAD_CHECKPOINTS = {
     "missing": (lambda p, m: None, "no such checkpoint file"),
-    "directory": (lambda p, m: p.mkdir(), "not a file"),
+    "directory": (lambda p, m: p.mkdir(), "a folder with neither model.npz nor config.json: not a bdh-mlx model"),
     "corrupt": (lambda p, m: p.write_bytes(b"\x00garbage" * 64), "not a readable .npz checkpoint file (not a zip"),
     "text file": (lambda p, m: p.write_text('{"step": 1}\n'), "not a readable .npz checkpoint file (not a zip"),
     "truncated": (truncated, "not a readable .npz checkpoint"),

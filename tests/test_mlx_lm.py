@@ -339,8 +339,9 @@ def test_printed_prompt_speed_counts_the_prefill(folders, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("command, rest", [
-    ("generate", ["-p", "x"]), ("chat", []), ("eval", []), ("inspect", ["--text", "x"]), ("neurons", ["--data", "d", "--out", "o"]),
-    ("synapses", []), ("graphs", []), ("quantize", ["--bits", "4", "--out", "q.npz"]),
+    ("generate", ["-p", "x"]), ("chat", []), ("eval", []), ("inspect", ["--text", "x"]),
+    ("neurons", ["--data", "d", "--out", "o"]), ("synapses", []), ("graphs", []),
+    ("quantize", ["--bits", "4", "--out", "q.npz"]),
     ("upload", ["--repo", "org/name"]),
 ])
 def test_model_is_the_checkpoint_everywhere(command, rest):
