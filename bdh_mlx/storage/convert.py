@@ -215,7 +215,7 @@ def run(args):
         if args.out.exists() and not args.out.is_dir():
             raise CheckpointError(f"{args.out}: is a file; --out needs a folder with --to-mlx-lm")
         try:
-            files = export(args.to_mlx_lm, args.out)
+            _, files = export(args.to_mlx_lm, args.out)
         except OSError as e:
             raise CheckpointError(f"{args.out}: cannot write ({e})") from None
         print(f"wrote {args.out}: {', '.join(f.name for f in files)}")

@@ -249,8 +249,8 @@ def mlx_lm_config(config) -> dict:
     }
 
 
-def export(checkpoint, out) -> list:
-    """Write the mlx-lm folder of ``checkpoint`` (a path or Hub id) into ``out``; returns the files written."""
+def export(checkpoint, out) -> tuple:
+    """Write the mlx-lm folder of ``checkpoint`` (a path or Hub id) into ``out``; returns its config and the files."""
     config, weights = read_checkpoint(checkpoint)
     if config.vocab_size != BYTES:
         raise ConfigError(f"{checkpoint}: vocab_size is {config.vocab_size}; an mlx-lm export needs the "
@@ -263,7 +263,8 @@ def export(checkpoint, out) -> list:
     for name, content in files.items():
         atomic_write_text(out / name, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
     atomic_write_text(out / MODEL_FILE, MODEL_SOURCE)
-    return [out / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE)]
+    names = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE)
+    return config, [out / name for name in names]
 
 
 def read_export_config(folder: Path, overrides: dict):
