@@ -357,3 +357,38 @@ def test_quantize_and_eval_take_an_mlx_lm_folder(folders, tmp_path, corpus_file)
     export(tmp_path / "q.npz", tmp_path / "q")
     assert eval_cli(["--model", str(tmp_path / "q"), "--data", str(corpus_file), "--block-size", "32",
                      "--batch-size", "2", "--eval-batches", "1"]) == 0
+
+
+# --- The end of an answer --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_loaded(folders):
+    return mlx_lm.load(str(folders / "chat"), trust_remote_code=True)
+
+
+def test_an_answer_ends_after_the_end_marker(chat_loaded):
+    """mlx-lm stops at one end token: the adapter gives it (256) right after the model wrote the marker."""
+    model, tokenizer = chat_loaded
+    end = ALPACA_TEMPLATE["end"]
+    assert tokenizer.eos_token_ids == {256}
+    assert tokenizer.encode(f"a{end}") == list(f"a{end}".encode())  # text holding the marker is still bytes
+    prompt = format_prompt(ALPACA_TEMPLATE, "Name a colour.")
+    logits = model(mx.array([tokenizer.encode(prompt + "Blue." + end)]), cache=make_prompt_cache(model))
+    assert logits.shape[-1] == 257 and int(mx.argmax(logits[0, -1])) == 256
+    assert float(logits[0, -2, 256]) == -np.inf  # only after the marker
+    assert mlx_lm.generate(model, tokenizer, prompt + "Blue." + end, max_tokens=8) == ""
+    batch = batch_generate(model, tokenizer, [tokenizer.encode(prompt + "Blue." + end), tokenizer.encode(prompt)],
+                           max_tokens=8, return_token_ids=True)
+    assert batch.token_ids[0] == [] and len(batch.token_ids[1]) == 8
+
+
+def test_the_end_token_fed_back_writes_nothing(chat_loaded):
+    model, tokenizer = chat_loaded
+    cache = make_prompt_cache(model)
+    model(mx.array([tokenizer.encode(PROMPT)]), cache=cache)
+    before = [np.array(a) for a in cache[0].cache]
+    model(mx.array([[256]]), cache=cache)
+    after = [np.array(a) for a in cache[0].cache]
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a, b)

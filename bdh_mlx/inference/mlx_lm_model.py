@@ -8,6 +8,11 @@ mlx-lm builds ``Model(ModelArgs.from_dict(config))``, loads the weights under th
 as it does for mlx-lm's recurrent models. Padding positions (the mask of the cache's ``lengths`` and
 ``left_padding``) write nothing into the state and take no position.
 
+An instruction-tuned model ends its answers with a marker of several bytes (``<|end|>``), while mlx-lm stops at
+one end-of-sequence token: its tokenizer has a token 256 for the marker, and after the model has written the
+marker's last byte the adapter gives token 256 all the probability. To see the marker, the cache holds each
+row's last bytes (one more ``ArraysCache`` entry); token 256 fed back in is treated as padding.
+
 While decoding, ``LayerState`` keeps a layer's last writes aside (``model/cache.py``); the cache is given
 ``LayerState.whole()`` as a lazy array, computed only when mlx-lm reads it, and the kept writes are used again
 as long as the cache still holds that same array.
@@ -45,6 +50,10 @@ class Model(BDH):
 
     def __init__(self, args: ModelArgs):
         super().__init__(args.config)
+        template = args.config.prompt_template
+        # the marker's bytes; a constant: the leading "_" keeps it out of parameters()
+        # the marker's bytes, a constant (the leading "_" keeps it out of parameters())
+        self._end = None if template is None else mx.array(list(template["end"].encode("utf-8")), dtype=mx.int32)
 
     @property
     def layers(self):
@@ -60,8 +69,9 @@ class Model(BDH):
         return weights
 
     def make_cache(self) -> list:
-        """One ``ArraysCache``: the layers' states, then the tokens seen per row (filled at the first call)."""
-        return [ArraysCache(self.config.n_layer + 1)]
+        """One ``ArraysCache``: the layers' states, the tokens seen per row and, for an instruction-tuned model,
+        each row's last bytes (filled at the first call)."""
+        return [ArraysCache(self.config.n_layer + (1 if self._end is None else 2))]
 
     def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings=None):
         if input_embeddings is not None:
@@ -71,6 +81,9 @@ class Model(BDH):
         store = cache[0]
         B, T = inputs.shape
         mask = store.make_mask(T)
+        if self._end is not None and (inputs >= self.config.vocab_size).any().item():  # the end token fed back
+            mask = (inputs < self.config.vocab_size) & (True if mask is None else mask)
+            inputs = mx.where(mask, inputs, 0)
         if mask is not None and mask.all().item():
             mask = None  # the fast one-token steps take no mask
         state = take_state(store, B, self.config)
@@ -82,7 +95,25 @@ class Model(BDH):
             state.offset = seen + mask.sum(axis=1).astype(mx.int32)
         give_state(store, state)
         store.advance(T)
-        return logits
+        return logits if self._end is None else self.end_after_marker(store, inputs, mask, logits)
+
+    def end_after_marker(self, store: ArraysCache, inputs, mask, logits):
+        """Logits with the end token (256) as one more column: -inf, except after the marker, where the last
+        position gives the end token all the probability. Keeps each row's last bytes in ``store``."""
+        n, K = self.config.n_layer + 1, self._end.size
+        B, T = inputs.shape
+        recent = mx.full((B, K), -1, mx.int32) if store[n] is None else store[n]
+        seen = mx.concatenate([recent, inputs.astype(mx.int32)], axis=1)
+        if mask is None:
+            store[n] = seen[:, -K:]
+        else:  # the last K bytes before the padding that follows a row's real tokens
+            ends = mx.argmax(mask, axis=1) + mask.sum(axis=1)
+            store[n] = mx.take_along_axis(seen, ends[:, None] + mx.arange(K), axis=1)
+        ended = (store[n] == self._end).all(axis=1)[:, None]  # (B, 1)
+        logits = mx.pad(logits, [(0, 0), (0, 0), (0, 1)], constant_values=-mx.inf)
+        only_end = mx.where(mx.arange(logits.shape[-1]) == self.config.vocab_size, 0.0, -mx.inf)
+        last = mx.where(ended, only_end, logits[:, -1])
+        return mx.concatenate([logits[:, :-1], last[:, None]], axis=1)
 
 
 def take_state(store: ArraysCache, batch_size: int, config: BDHConfig) -> BDHCache:

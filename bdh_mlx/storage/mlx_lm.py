@@ -64,8 +64,16 @@ def byte_characters() -> list:
     return [table[b] for b in range(BYTES)]
 
 
-def tokenizer_json() -> dict:
-    """A Hugging Face ``tokenizers`` file where byte b is token b: byte-level BPE with no merges.
+def end_token(end: str) -> dict:
+    """Token 256, the end of a response of an instruction-tuned model: its marker as one special token (for
+    mlx-lm's end-of-sequence), which the model never reads nor writes: the adapter gives it after the marker."""
+    return {"id": BYTES, "content": end, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+            "special": True}
+
+
+def tokenizer_json(end: str | None = None) -> dict:
+    """A Hugging Face ``tokenizers`` file where byte b is token b: byte-level BPE with no merges; with ``end``,
+    the end-of-response token 256 (``end_token``).
 
     The decoder is the byte-level one inside a ``Sequence``, so that mlx-lm streams text with its
     ``NaiveStreamingDetokenizer`` (decoding whole lines, exact) rather than its BPE one, which drops a
@@ -74,7 +82,8 @@ def tokenizer_json() -> dict:
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     vocab = {c: b for b, c in enumerate(byte_characters())}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [] if end is None else [end_token(end)],
         "pre_tokenizer": byte_level, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": [byte_level]},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -115,15 +124,18 @@ def chat_template(template: dict) -> str:
 
 
 def tokenizer_config(config) -> dict:
-    """``tokenizer_config.json``: no special tokens, no space clean-up; a chat template for a fine-tuned model."""
+    """``tokenizer_config.json``: no space clean-up; for a fine-tuned model a chat template, and the end-of-response
+    token as end of sequence (text holding its marker is still read byte by byte: ``split_special_tokens``)."""
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                 "model_max_length": 2**60, "add_bos_token": False, "add_eos_token": False}
     if config.prompt_template is not None:
         settings["chat_template"] = chat_template(config.prompt_template)
+        settings["eos_token"] = config.prompt_template["end"]
+        settings["split_special_tokens"] = True
     return settings
 
 
-def check_tokenizer(folder: Path):
+def check_tokenizer(folder: Path, config):
     """Raise CheckpointError unless the folder's ``tokenizer.json`` (if any) maps each byte to its value."""
     path = folder / TOKENIZER_FILE
     if not path.exists():
@@ -134,7 +146,7 @@ def check_tokenizer(folder: Path):
         stored = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
-    want = tokenizer_json()
+    want = tokenizer_json(None if config.prompt_template is None else config.prompt_template["end"])
     model = stored.get("model") if isinstance(stored, dict) else None
     if not isinstance(model, dict) or model.get("vocab") != want["model"]["vocab"] or model.get("merges"):
         raise CheckpointError(f"{path}: not a byte-level tokenizer whose token ids are the byte values "
@@ -258,7 +270,8 @@ def export(checkpoint, out) -> tuple:
     out = Path(out)
     make_dirs(out)
     write_safetensors(out / WEIGHTS_FILE, weights)
-    files = {CONFIG_FILE: mlx_lm_config(config), TOKENIZER_FILE: tokenizer_json(),
+    end = None if config.prompt_template is None else config.prompt_template["end"]
+    files = {CONFIG_FILE: mlx_lm_config(config), TOKENIZER_FILE: tokenizer_json(end),
              TOKENIZER_CONFIG_FILE: tokenizer_config(config)}
     for name, content in files.items():
         atomic_write_text(out / name, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
@@ -293,7 +306,7 @@ def read_export(folder, **config_overrides):
     """``(config, weights)`` of an mlx-lm folder written by ``export``, as ``read_checkpoint`` gives them."""
     folder = Path(folder)
     config = read_export_config(folder, config_overrides)
-    check_tokenizer(folder)
+    check_tokenizer(folder, config)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
