@@ -52,7 +52,6 @@ class Model(BDH):
         super().__init__(args.config)
         template = args.config.prompt_template
         # the marker's bytes; a constant: the leading "_" keeps it out of parameters()
-        # the marker's bytes, a constant (the leading "_" keeps it out of parameters())
         self._end = None if template is None else mx.array(list(template["end"].encode("utf-8")), dtype=mx.int32)
 
     @property
