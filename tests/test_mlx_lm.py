@@ -392,3 +392,40 @@ def test_the_end_token_fed_back_writes_nothing(chat_loaded):
     after = [np.array(a) for a in cache[0].cache]
     for a, b in zip(before, after, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_chat_turns_continue_one_cache(loaded):
+    """As mlx_lm.chat does: each turn's prompt continues the cache that holds the earlier turns and answers."""
+    model, tokenizer, bdh = loaded
+    cache, seen = make_prompt_cache(model), []
+    for turn in ("First question?", " Second one?"):
+        responses = list(mlx_lm.stream_generate(model, tokenizer, turn, max_tokens=12, prompt_cache=cache))
+        answer = [r.token for r in responses]
+        seen += list(turn.encode())
+        assert answer == bdh_steps(bdh, seen, 12)[0]
+        seen += answer
+
+
+def run_mlx_lm(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_lm", *args], capture_output=True, text=True, env=os.environ,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_mlx_lm_command_line_prints_what_bdh_mlx_prints(folders):
+    """The real commands: mlx_lm generate's text (between its ===== lines) is bdh-mlx generate's continuation."""
+    prompt, n = " Once", 48
+    done = run_mlx_lm("generate", "--model", str(folders / "base"), "--trust-remote-code", "--prompt", prompt,
+                      "--max-tokens", str(n))
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout.split("==========\n")[1].removesuffix("\n")
+    ours = subprocess.run([sys.executable, "-m", "bdh_mlx", "generate", "--model", str(folders / "base"), "-p", prompt,
+                           "-m", str(n)], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert ours.stdout == prompt + text + "\n"
+
+
+@pytest.mark.slow
+def test_mlx_lm_refuses_the_model_file_without_trust(folders):
+    done = run_mlx_lm("generate", "--model", str(folders / "base"), "--prompt", "x", "--max-tokens", "2")
+    assert done.returncode != 0
+    assert "requires importing and running a custom module ('bdh_model.py')" in done.stderr
