@@ -247,15 +247,14 @@ def write_safetensors(path, arrays: dict):
 # --- Export and import ----------------------------------------------------------------
 
 
-def is_export(folder) -> bool:
-    """Whether ``folder`` is a folder with a ``config.json`` (an mlx-lm model folder, bdh-mlx's or not)."""
-    return Path(folder).is_dir() and (Path(folder) / CONFIG_FILE).is_file()
-
-
 def mlx_lm_config(config) -> dict:
-    """config.json: the keys mlx-lm reads, the sizes under their usual names, and the whole BDH config."""
+    """config.json: the keys mlx-lm reads, the sizes under their usual names, and the whole BDH config.
+
+    No ``model_type``: mlx-lm needs none with a ``model_file``, and transformers (loading the tokenizer) warns
+    about one it does not know.
+    """
     return {
-        "model_type": "bdh", "architectures": ["BDH"], "model_file": MODEL_FILE, FORMAT_KEY: FORMAT_VERSION,
+        "architectures": ["BDH"], "model_file": MODEL_FILE, FORMAT_KEY: FORMAT_VERSION,
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, BDH_KEY: config.to_dict(),
     }
@@ -292,7 +291,7 @@ def read_export_config(folder: Path, overrides: dict):
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
     if not isinstance(stored, dict) or not isinstance(stored.get(BDH_KEY), dict):
-        kind = f" (model_type {stored.get('model_type')!r})" if isinstance(stored, dict) else ""
+        kind = f" (model_type {stored['model_type']!r})" if isinstance(stored, dict) and "model_type" in stored else ""
         raise CheckpointError(f"{folder}: not a bdh-mlx model folder{kind}: its {CONFIG_FILE} has no "
                               f"{BDH_KEY!r} entry (write one with bdh-mlx convert --to-mlx-lm)")
     version = stored.get(FORMAT_KEY)
