@@ -124,12 +124,13 @@ def main():
         ours, theirs = decoding_speeds(folder, checkpoint, args.tokens, args.repeats)
         print(f"model: {args.checkpoint or 'random ' + args.preset}, {config.num_parameters:,} parameters; "
               f"{args.tokens} tokens, greedy; device {mx.default_device()}")
-        print(f"{'':<28}{'tokens/s':>10}")
-        print(f"{'bdh-mlx stream_generate':<28}{ours:>10.1f}")
-        print(f"{'mlx_lm.stream_generate':<28}{theirs:>10.1f}   mlx-lm / bdh-mlx: {theirs / ours:.2f}")
+        print(f"{'':<28}{'tokens/s':>10}", flush=True)
+        print(f"{'bdh-mlx stream_generate':<28}{ours:>10.1f}", flush=True)
+        print(f"{'mlx_lm.stream_generate':<28}{theirs:>10.1f}   mlx-lm / bdh-mlx: {theirs / ours:.2f}", flush=True)
         speeds = server_throughput(folder, args.tokens, args.clients)
         for n, speed in speeds.items():
-            print(f"{f'mlx_lm.server, {n} client' + ('s' if n > 1 else ''):<28}{speed:>10.1f}   (aggregate)")
+            name = f"mlx_lm.server, {n} client" + ("s" if n > 1 else "")
+            print(f"{name:<28}{speed:>10.1f}   (aggregate)", flush=True)
 
 
 if __name__ == "__main__":

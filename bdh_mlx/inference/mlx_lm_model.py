@@ -133,6 +133,7 @@ def take_state(store: ArraysCache, batch_size: int, config: BDHConfig) -> BDHCac
 def give_state(store: ArraysCache, state: BDHCache):
     """Put ``state`` back into ``store``: each layer's whole S (lazy), and the writes kept aside beside it."""
     n = len(state.layers)
+    mx.async_eval(state.state)  # the state's updates computed while mlx-lm samples, as bdh-mlx's own loop does
     wholes = [layer.whole() for layer in state.layers]
     store.cache[:n] = wholes
     store[n] = state.offset
