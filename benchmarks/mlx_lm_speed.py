@@ -4,7 +4,7 @@
 
 1. ``mlx_lm.stream_generate`` (the exported folder, loaded by ``mlx_lm.load`` with ``trust_remote_code``) against
    ``bdh_mlx.stream_generate``: generation tokens/s as each reports it, greedy, the same prompt; the two run in
-   turns, ``--repeats`` times each, and the medians are printed with their ratio.
+   turns (ABBA), ``--repeats`` times each, and the medians are printed with their ratio.
 2. ``mlx_lm.server`` on a free loopback port: the aggregate tokens/s (completion tokens of all requests over
    the wall time) of 1 client, then of 4 concurrent clients, each asking for ``--tokens`` tokens.
 
@@ -48,11 +48,13 @@ def decoding_speeds(folder: Path, checkpoint: Path, tokens: int, repeats: int) -
     """Median generation tokens/s of bdh-mlx and of mlx-lm, run in turns."""
     model = load(checkpoint)
     mlx_model, tokenizer = mlx_lm.load(str(folder), trust_remote_code=True)
-    ours, theirs = [], []
-    for _ in range(repeats):
-        ours.append(last(stream_generate(model, PROMPT, max_tokens=tokens)).generation_tps)
-        theirs.append(last(mlx_lm.stream_generate(mlx_model, tokenizer, PROMPT, max_tokens=tokens)).generation_tps)
-    return statistics.median(ours), statistics.median(theirs)
+    runs = {"ours": lambda: stream_generate(model, PROMPT, max_tokens=tokens),
+            "theirs": lambda: mlx_lm.stream_generate(mlx_model, tokenizer, PROMPT, max_tokens=tokens)}
+    speeds = {name: [] for name in runs}
+    for i in range(repeats):
+        for name in sorted(runs, reverse=i % 2 == 1):  # ABBA: neither side always goes first
+            speeds[name].append(last(runs[name]()).generation_tps)
+    return statistics.median(speeds["ours"]), statistics.median(speeds["theirs"])
 
 
 def free_port() -> int:
