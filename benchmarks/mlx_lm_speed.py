@@ -45,7 +45,7 @@ def last(responses):
 
 
 def decoding_speeds(folder: Path, checkpoint: Path, tokens: int, repeats: int) -> tuple:
-    """Median generation tokens/s of bdh-mlx and of mlx-lm, run in turns."""
+    """Generation tokens/s of each run of bdh-mlx and of mlx-lm, run in turns."""
     model = load(checkpoint)
     mlx_model, tokenizer = mlx_lm.load(str(folder), trust_remote_code=True)
     runs = {"ours": lambda: stream_generate(model, PROMPT, max_tokens=tokens),
@@ -54,7 +54,7 @@ def decoding_speeds(folder: Path, checkpoint: Path, tokens: int, repeats: int) -
     for i in range(repeats):
         for name in sorted(runs, reverse=i % 2 == 1):  # ABBA: neither side always goes first
             speeds[name].append(last(runs[name]()).generation_tps)
-    return statistics.median(speeds["ours"]), statistics.median(speeds["theirs"])
+    return speeds["ours"], speeds["theirs"]
 
 
 def free_port() -> int:
@@ -126,9 +126,11 @@ def main():
         ours, theirs = decoding_speeds(folder, checkpoint, args.tokens, args.repeats)
         print(f"model: {args.checkpoint or 'random ' + args.preset}, {config.num_parameters:,} parameters; "
               f"{args.tokens} tokens, greedy; device {mx.default_device()}")
-        print(f"{'':<28}{'tokens/s':>10}", flush=True)
-        print(f"{'bdh-mlx stream_generate':<28}{ours:>10.1f}", flush=True)
-        print(f"{'mlx_lm.stream_generate':<28}{theirs:>10.1f}   mlx-lm / bdh-mlx: {theirs / ours:.2f}", flush=True)
+        print(f"{'':<28}{'tokens/s':>10}   (median; range of {args.repeats} runs)", flush=True)
+        for name, runs in (("bdh-mlx stream_generate", ours), ("mlx_lm.stream_generate", theirs)):
+            print(f"{name:<28}{statistics.median(runs):>10.1f}   ({min(runs):.1f} - {max(runs):.1f})", flush=True)
+        ratio = statistics.median(theirs) / statistics.median(ours)
+        print(f"mlx-lm / bdh-mlx: {ratio:.2f} (medians)", flush=True)
         speeds = server_throughput(folder, args.tokens, args.clients)
         for n, speed in speeds.items():
             name = f"mlx_lm.server, {n} client" + ("s" if n > 1 else "")
