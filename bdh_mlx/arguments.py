@@ -92,6 +92,15 @@ def add_batch_arguments(parser, block_size=DEFAULT_BLOCK_SIZE, batch_size=DEFAUL
     return group
 
 
+CHECKPOINT_HELP = ("a bdh-mlx checkpoint: .npz path, mlx-lm model folder (convert --to-mlx-lm) or Hub repo id "
+                   "org/name[@revision]; --model is mlx-lm's spelling")
+
+
+def add_checkpoint_argument(parser, help: str = CHECKPOINT_HELP):
+    """``--checkpoint`` (or mlx-lm's ``--model``): the checkpoint a command reads."""
+    parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT", help=help)
+
+
 def add_dtype_argument(parser):
     parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="float32",
                         help="compute dtype; the weights stay float32")

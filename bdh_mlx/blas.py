@@ -4,7 +4,9 @@ The stock ``mlx[cpu]`` wheel links the reference BLAS (a few GFLOP/s). A library
 loaded with ``RTLD_GLOBAL`` *before* MLX is loaded, comes first in the dynamic linker's global scope, so MLX's
 calls bind to it (loading it later does nothing). The ``cpu`` extra installs ``faiss-cpu``, whose manylinux wheel
 bundles a multi-threaded OpenBLAS (DYNAMIC_ARCH, unprefixed symbols) together with its own libgfortran and
-libgomp: nothing is needed from the system. ``bdh_mlx/__init__.py`` calls :func:`load` first thing.
+libgomp: nothing is needed from the system. ``bdh_mlx/__init__.py`` calls :func:`load` first thing; in processes
+that import ``mlx.core`` before ``bdh_mlx`` (mlx-lm's, with a bdh-mlx model), the import hook
+``bdh_mlx_blas_hook`` (installed with the package as ``bdh_mlx_blas.pth``) calls :func:`preload` just before.
 
 ``BDH_MLX_BLAS=0`` turns this off. Unless set already, ``OMP_WAIT_POLICY`` is set to ``PASSIVE``: OpenMP threads
 that spin between MLX's many small matmuls take the cores MLX's own work needs (measured on 2 busy cores: the
@@ -73,8 +75,18 @@ def load():
 
     Runs once and never raises: when it cannot help (MLX already imported, library missing or unloadable) it warns.
     Does nothing off Linux (macOS has Accelerate), with ``BDH_MLX_BLAS=0``, or when a BLAS is already global
-    (e.g. ``LD_PRELOAD``).
+    (e.g. ``LD_PRELOAD``, or ``bdh_mlx_blas_hook`` before any ``import mlx.core``).
     """
+    return _load(warn)
+
+
+def preload():
+    """``load`` for the import hook (``bdh_mlx_blas_hook``), in any process that imports MLX: silent, and
+    nothing at all when the ``cpu`` extra is not installed."""
+    return _load(lambda message: None)
+
+
+def _load(warn):
     if sys.platform != "linux" or os.environ.get(OPT_OUT, "1") == "0":
         return None
     already = global_cblas()
@@ -100,4 +112,4 @@ def load():
 
 
 def warn(message):
-    warnings.warn(f"bdh_mlx: {message}; set {OPT_OUT}=0 to silence this", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"bdh_mlx: {message}; set {OPT_OUT}=0 to silence this", RuntimeWarning, stacklevel=4)

@@ -17,7 +17,7 @@ COMMANDS = {
     "merge": ("bdh_mlx.tools.merge", "merge two checkpoints by concatenating their neurons"),
     "quantize": ("bdh_mlx.tools.quantize", "quantize a checkpoint to 4 or 8 bits"),
     "upload": ("bdh_mlx.storage.upload", "upload a checkpoint to the Hugging Face Hub with a model card"),
-    "convert": ("bdh_mlx.storage.convert", "convert to and from the official PyTorch state_dict"),
+    "convert": ("bdh_mlx.storage.convert", "to and from the official PyTorch state_dict; to an mlx-lm folder"),
     "info": ("bdh_mlx.tools.info", "versions, device, the BLAS in use and its measured matmul speed"),
 }
 

@@ -9,6 +9,8 @@ The eager step is what a straightforward port does: ``value_and_grad``, ``optimi
 import argparse
 import time
 
+import bdh_mlx  # noqa: F401  first: on Linux it gives MLX the fast BLAS before mlx.core is imported
+
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn

@@ -7,9 +7,11 @@ The dynamic linker itself (``LD_DEBUG=bindings``) says which library MLX's ``cbl
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +147,37 @@ def test_info_rejects_a_bad_size():
     done = subprocess.run([sys.executable, "-m", "bdh_mlx", "info", "--size", "0"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == "bdh-mlx info: error: argument --size: must be a positive integer, got 0\n"
+
+
+PTH = Path(__file__).parent.parent / "bdh_mlx_blas.pth"
+
+
+@linux_with_wheel
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_the_pth_hook_loads_the_openblas_before_mlx_imported_first(tmp_path, opt_out):
+    """As in mlx-lm's processes: ``mlx.core`` first, bdh_mlx later; the .pth, read at start up, loaded the BLAS."""
+    shutil.copy(PTH, tmp_path)
+    code = f"import site\nsite.addsitedir({str(tmp_path)!r})\nimport mlx.core\nimport bdh_mlx\n" + MATMUL
+    stdout, stderr, bound = run_python(code, bindings=True, **({blas.OPT_OUT: "0"} if opt_out else {}))
+    if opt_out:
+        assert "mlx_cpu.libs/libblas" in bound
+    else:
+        assert os.path.realpath(bound) == os.path.realpath(blas.find_openblas()[-1])
+    assert "bdh_mlx" not in stderr  # no warning
+    assert_exact_matmul(stdout)
+
+
+def test_the_pth_hook_is_silent_without_the_cpu_extra(tmp_path):
+    """Without faiss-cpu, any process that imports MLX stays as it was: no warning, MLX's own BLAS."""
+    shutil.copy(PTH, tmp_path)
+    code = ("from importlib import metadata\n"
+            "def distribution(name, real=metadata.distribution):\n"
+            "    if name == 'faiss-cpu':\n"
+            "        raise metadata.PackageNotFoundError(name)\n"
+            "    return real(name)\n"
+            "metadata.distribution = distribution\n"
+            f"import site\nsite.addsitedir({str(tmp_path)!r})\n" + MATMUL)
+    stdout, stderr, bound = run_python(code, bindings=True)
+    assert bound is None or "openblas" not in bound
+    assert "bdh_mlx" not in stderr
+    assert_exact_matmul(stdout)

@@ -9,7 +9,7 @@ from conftest import WEIGHT_NAMES
 
 import bdh_mlx
 from bdh_mlx import BDH, BDHConfig, CheckpointError
-from bdh_mlx.storage.checkpoint import CONFIG_KEY, FORMAT_KEY, model_weights, save_weights, weight_shapes
+from bdh_mlx.storage.format import CONFIG_KEY, FORMAT_KEY, model_weights, save_weights, weight_shapes
 
 TINY = BDHConfig.from_preset("tiny", dropout=0.0)
 
@@ -87,7 +87,7 @@ CONFIG_JSON = json.dumps(TINY.to_dict())
 # case -> (make(path, model), what the message says after "<path>: ")
 BAD_CHECKPOINTS = {
     "missing": (lambda p, m: None, "no such checkpoint file"),
-    "directory": (lambda p, m: p.mkdir(), "not a file"),
+    "directory": (lambda p, m: p.mkdir(), "a folder with neither model.npz nor config.json: not a bdh-mlx model"),
     "corrupt": (lambda p, m: p.write_bytes(b"\x00garbage" * 64), "not a readable .npz checkpoint file (not a zip"),
     "text file": (lambda p, m: p.write_text('{"step": 1}\n'), "not a readable .npz checkpoint file (not a zip"),
     "truncated": (truncated, "not a readable .npz checkpoint"),

@@ -19,8 +19,8 @@ import pytest
 
 import bdh_mlx
 from bdh_mlx import BDH, BDHCache, BDHConfig, CheckpointError
-from bdh_mlx.storage.checkpoint import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from bdh_mlx.storage.files import read_npz
+from bdh_mlx.storage.format import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 
 CONFIG = BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=4, vocab_size=16, dropout=0.0)
 SECONDS_PER_VARIANT = 1.0

@@ -119,7 +119,7 @@ def run_convert(argv, capsys):
         (["--from-torch", "m.pt", "--out", "x.npz", "--dropout", "1.5"],
          "--dropout: must be a number in [0, 1), got 1.5"),
         (["--from-torch", "m.pt", "--to-torch", "m.npz", "--out", "x"], "not allowed with argument --from-torch"),
-        (["--out", "x"], "one of the arguments --from-torch --to-torch is required"),
+        (["--out", "x"], "one of the arguments --from-torch --to-torch --to-mlx-lm is required"),
         (["--from-torch", "m.pt"], "the following arguments are required: --out"),
         (
             ["--to-torch", "m.npz", "--out", "x.pt", "--n-layer", "2"],

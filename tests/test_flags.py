@@ -424,6 +424,7 @@ BASE = {
     "hub": ["upload", "--checkpoint", "{ckpt}", "--repo", "org/name"],
     "to-torch": ["convert", "--to-torch", "{ckpt}", "--out", "{out}/m.pt"],
     "from-torch": ["convert", "--from-torch", "{pt}", "--n-layer", "2", "--out", "{out}/m.npz"],
+    "to-mlx-lm": ["convert", "--to-mlx-lm", "{ckpt}", "--out", "{out}/dir"],
 }
 
 
@@ -618,6 +619,7 @@ ROWS = [
     Row("from-torch", "from_torch", "{pt2}", checkpoint_file("m.npz"), lambda f: converted_from_torch(f, "pt2")),
     Row("from-torch", "n_layer", "3", checkpoint_file("m.npz"), lambda f: converted_from_torch(f, n_layer=3)),
     Row("from-torch", "dropout", "0.3", checkpoint_file("m.npz"), lambda f: converted_from_torch(f, dropout=0.3)),
+    Row("to-mlx-lm", "to_mlx_lm", "{ckpt2}", checkpoint_file("dir"), lambda f: weights_digest(f["ckpt2"])),
 ]
 
 

@@ -193,6 +193,9 @@ def logits(model):
         return np.array(model(mx.array([list(b"hello hub")]))[0])
 
 
+MLX_LM_FILES = ["bdh_model.py", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
 def repo_files(model_bytes):
     return {"model.npz": model_bytes, "config.json": b"{}", "README.md": b"---\nlibrary_name: bdh-mlx\n---\n",
             "extra/large.bin": b"not needed"}
@@ -344,15 +347,14 @@ def test_upload_a_run_then_load_it_back(hub, hub_env, tiny_run, capsys):
     ckpt = tiny_run / "best.npz"
     assert cli.main(["upload", "--checkpoint", str(ckpt), "--repo", "org/up", "--run", str(tiny_run), "--private",
                      "--dataset", "org/corpus"]) == 0
-    assert capsys.readouterr().out.startswith("uploaded 7 files to org/up: ")
+    assert capsys.readouterr().out.startswith("uploaded 10 files to org/up: ")
     repo = hub.repos["org/up"]
     files = repo["commits"][repo["refs"]["main"]]
     assert repo["access"] == "private"
-    assert sorted(files) == ["README.md", "config.json", "model.npz", "plots/bpb.png", "plots/loss.png",
-                             "plots/lr.png", "plots/sparsity.png"]
-    assert files["model.npz"] == ckpt.read_bytes()
+    assert sorted(files) == sorted(["README.md", *MLX_LM_FILES, "plots/bpb.png", "plots/loss.png", "plots/lr.png",
+                                    "plots/sparsity.png"])
     config = checkpoint.read_checkpoint(ckpt)[0]
-    assert json.loads(files["config.json"]) == config.to_dict()
+    assert json.loads(files["config.json"])["bdh"] == config.to_dict()
     assert all(files[f"plots/{name}"].startswith(b"\x89PNG") for name in ("loss.png", "bpb.png", "sparsity.png"))
 
     card = files["README.md"].decode()
@@ -386,8 +388,9 @@ def test_upload_dry_run_without_a_run(tmp_path, models, capsys):
     out = tmp_path / "folder"
     assert cli.main(["upload", "--checkpoint", str(path), "--repo", "org/bare", "--license", "apache-2.0",
                      "--dry-run", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.npz"]
-    assert (out / "model.npz").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", *MLX_LM_FILES]
+    (config, weights), (want_config, want) = checkpoint.read_checkpoint(out), checkpoint.read_checkpoint(path)
+    assert config == want_config and all(np.array_equal(weights[k], want[k]) for k in want) and data
     card = (out / "README.md").read_text()
     assert front_matter(card) == {"library_name": "bdh-mlx", "license": "apache-2.0", "tags": ["mlx", "bdh"],
                                   "pipeline_tag": "text-generation"}

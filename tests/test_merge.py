@@ -8,8 +8,9 @@ import bdh_mlx
 from bdh_mlx.errors import CheckpointError, ConfigError
 from bdh_mlx.model import BDH, BDHConfig, rope_frequencies
 from bdh_mlx.storage import checkpoint
-from bdh_mlx.storage.checkpoint import ROPE_FREQS_KEY, read_checkpoint
+from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.convert import mlx_to_torch
+from bdh_mlx.storage.format import ROPE_FREQS_KEY
 from bdh_mlx.tools.merge import main as merge_main
 
 T = 300  # longer than 256, so positions (and each neuron's RoPE frequency) matter

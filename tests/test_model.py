@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 import bdh_mlx.model as model_module
 from bdh_mlx import BDH, PRESETS, BDHConfig, ConfigError
 from bdh_mlx.model import dropout, random_keys
-from bdh_mlx.storage.checkpoint import weight_shapes
+from bdh_mlx.storage.format import weight_shapes
 
 
 def count(tree) -> int:

@@ -7,7 +7,8 @@ import pytest
 from bdh_mlx import BDH, BDHConfig, BDHError, CheckpointError, cli, load, quantize, save
 from bdh_mlx.inference.engines import MLXDense, MLXSparse
 from bdh_mlx.modeling.quantized import QuantizedWeight
-from bdh_mlx.storage.checkpoint import model_weights, read_checkpoint, save_weights
+from bdh_mlx.storage.checkpoint import read_checkpoint
+from bdh_mlx.storage.format import model_weights, save_weights
 
 
 def tiny_model(**overrides):

@@ -7,6 +7,7 @@ from bdh_mlx import BDH, BDHConfig, cli
 from bdh_mlx.errors import CheckpointError, ConfigError
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, MAX_END_CHARS, check_template, format_prompt
 from bdh_mlx.storage import checkpoint
+from bdh_mlx.storage import format as checkpoint_format
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
 
@@ -48,7 +49,7 @@ def hostile_checkpoint(path, template):
     model = BDH(BDHConfig(**TINY))
     config = BDHConfig(**TINY)
     config.prompt_template = template
-    checkpoint.save_weights(path, config, checkpoint.model_weights(model))
+    checkpoint_format.save_weights(path, config, checkpoint_format.model_weights(model))
     return path
 
 

@@ -8,7 +8,7 @@ multi-turn ``messages`` examples. ``/reset`` forgets them; an empty line is skip
 
 import sys
 
-from bdh_mlx.arguments import ArgumentParser, add_dtype_argument, positive_int, run_command
+from bdh_mlx.arguments import ArgumentParser, add_checkpoint_argument, add_dtype_argument, positive_int, run_command
 from bdh_mlx.inference.generate import add_sampling_arguments, sampling_options, stream_generate
 from bdh_mlx.inference.template import end_of_response, format_prompt, history_text, stored_template
 from bdh_mlx.storage.checkpoint import load
@@ -20,11 +20,11 @@ PROG = "bdh-mlx chat"
 def build_parser():
     p = ArgumentParser(prog=PROG, description="Chat with a fine-tuned checkpoint (bdh-mlx finetune): one message "
                        "per line on standard input, the answers on standard output.")
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT",
-                   help="a fine-tuned checkpoint: .npz path or Hub repo id org/name[@revision]")
+    add_checkpoint_argument(p, help="a fine-tuned checkpoint: .npz path, mlx-lm model folder or Hub repo id "
+                            "org/name[@revision]; --model is mlx-lm's spelling")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=512, help="most bytes per answer")
     p.add_argument("--history", action="store_true", help="show the model the earlier turns (as the input)")
-    add_sampling_arguments(p, temperature=0.0)
+    add_sampling_arguments(p)
     add_dtype_argument(p)
     return p
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
+from tqdm import tqdm
 
 from bdh_mlx.arguments import (
     ArgumentParser,
+    add_checkpoint_argument,
     add_dtype_argument,
     non_negative_float,
     non_negative_int,
@@ -36,6 +38,7 @@ from bdh_mlx.storage.checkpoint import load
 from bdh_mlx.storage.files import COMPUTE_DTYPES, eval_mode
 
 DEFAULT_PREFILL_CHUNK = 512
+PROGRESS_MIN_TOKENS = 8 * DEFAULT_PREFILL_CHUNK  # longer prompts show a progress bar while they are read
 
 
 @dataclass
@@ -59,6 +62,9 @@ class GenerationResponse:
 
 def encode_prompt(prompt, vocab_size: int = 256) -> list:
     """A prompt as token ids: a ``str`` (UTF-8 bytes), ``bytes`` or a sequence of ints."""
+    if hasattr(prompt, "encode") and hasattr(prompt, "decode"):  # mlx-lm's generate(model, tokenizer, prompt)
+        raise BDHError("bdh-mlx's generate functions take (model, prompt, ...): no tokenizer (token ids are bytes); "
+                       "drop the tokenizer argument")
     if isinstance(prompt, str):
         try:
             prompt = prompt.encode("utf-8")
@@ -174,15 +180,47 @@ def _batch_steps(
 
 
 SAMPLING_ARGS = ("temperature", "top_p", "min_p", "top_k")
+STEP_ARGS = ("sampler", "logits_processors", "max_tokens", "cache", "prefill_chunk", "seed",
+             "prompt_progress_callback", "prompt_logits")
+# mlx-lm's spellings of bdh-mlx's keywords
+RENAMED_ARGS = {"temp": "temperature", "prompt_cache": "cache", "prefill_step_size": "prefill_chunk"}
+PENALTY_ARGS = ("repetition_penalty", "repetition_context_size")
+# mlx-lm keywords with no meaning for BDH, and why
+REFUSED_ARGS = {
+    "max_kv_size": "BDH's state has a fixed size whatever the length of the text: there is no KV cache to bound",
+    "kv_bits": "BDH has no KV cache to quantize (its state is a fixed-size float32 matrix per layer)",
+    "kv_group_size": "BDH has no KV cache to quantize (its state is a fixed-size float32 matrix per layer)",
+    "quantized_kv_start": "BDH has no KV cache to quantize (its state is a fixed-size float32 matrix per layer)",
+    "draft_model": "speculative decoding is not supported",
+    "num_draft_tokens": "speculative decoding is not supported",
+    "input_embeddings": "BDH reads bytes: give the prompt as text, bytes or byte values",
+}
 
 
-def _with_sampler(kwargs: dict) -> dict:
-    """``kwargs`` with ``temperature``/``top_p``/``min_p``/``top_k`` (mlx-lm's keywords) made into a ``sampler``."""
+def _with_sampler(kwargs: dict, caller: str = "generate_step") -> dict:
+    """``kwargs`` in bdh-mlx's spelling: mlx-lm's names renamed; ``temperature``/``top_p``/``min_p``/``top_k``
+    made into a ``sampler`` and the repetition penalty into a logits processor; anything else refused by a
+    ``BDHError`` that names it."""
+    for name in kwargs:
+        if name in REFUSED_ARGS:
+            raise BDHError(f"{caller}() does not take {name}: {REFUSED_ARGS[name]}")
+    for old, new in RENAMED_ARGS.items():
+        if old in kwargs:
+            if new in kwargs:
+                raise BDHError(f"give either {new} or {old} (mlx-lm's name for it), not both")
+            kwargs[new] = kwargs.pop(old)
+    unknown = sorted(set(kwargs) - {*STEP_ARGS, *SAMPLING_ARGS, *PENALTY_ARGS})
+    if unknown:
+        accepted = ", ".join([*STEP_ARGS, *SAMPLING_ARGS, *PENALTY_ARGS, *RENAMED_ARGS])
+        raise BDHError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}; it takes {accepted}")
     given = {k: kwargs.pop(k) for k in SAMPLING_ARGS if k in kwargs}
     if given:
         if kwargs.get("sampler") is not None:
             raise BDHError(f"give either sampler or {', '.join(given)}, not both")
         kwargs["sampler"] = make_sampler(**given)
+    penalty = {k: kwargs.pop(k) for k in PENALTY_ARGS if k in kwargs}
+    if penalty:
+        kwargs["logits_processors"] = [*(kwargs.get("logits_processors") or []), *make_logits_processors(**penalty)]
     return kwargs
 
 
@@ -194,6 +232,9 @@ def generate_step(model: BDH, prompt_tokens, **kwargs) -> Generator:
     (advanced in place; it may already hold a context, e.g. one loaded from disk), ``prompt_logits``
     (the prompt is already in ``cache``), ``prefill_chunk``, ``seed`` (reproducible sampling with
     explicit keys: the global ``mx.random`` state is left alone) and ``prompt_progress_callback(processed, total)``.
+    mlx-lm's spellings work too (``temp``, ``prompt_cache``, ``prefill_step_size``, ``repetition_penalty``,
+    ``repetition_context_size``); its keywords that mean nothing for BDH (``max_kv_size``, ``kv_bits``, ...) and
+    unknown ones are refused by a BDHError naming them.
     """
     tokens = encode_prompt(prompt_tokens, model.config.vocab_size)
     for y, logprobs in _batch_steps(model, [tokens], **_with_sampler(kwargs)):
@@ -212,8 +253,12 @@ def _split_at_stop(text: str, stop: list, final: bool):
     return text[: len(text) - held], text[len(text) - held :], False
 
 
-def stream_generate(model: BDH, prompt, max_tokens: int = 256, stop: Iterable[str] = (), **kwargs) -> Generator:
+def stream_generate(model: BDH, prompt, max_tokens: int = 256, stop: Iterable[str] = (), prompt_seconds: float = 0.0,
+                    **kwargs) -> Generator:
     """Yield a ``GenerationResponse`` per generated token.
+
+    ``prompt_seconds``: the time the prompt took when it was prefilled beforehand (``prompt_logits``), counted
+    in ``prompt_tps``.
 
     Bytes are decoded incrementally: an incomplete multi-byte character waits for its next
     bytes, invalid bytes become U+FFFD. Generation ends after ``max_tokens`` or at the first
@@ -227,7 +272,7 @@ def stream_generate(model: BDH, prompt, max_tokens: int = 256, stop: Iterable[st
     tic = time.perf_counter()
     for n, (token, logprobs) in enumerate(generate_step(model, tokens, max_tokens=max_tokens, **kwargs), start=1):
         if n == 1:
-            prompt_tps = len(tokens) / (time.perf_counter() - tic)
+            prompt_tps = len(tokens) / (prompt_seconds + time.perf_counter() - tic)
             tic = time.perf_counter()
         last = n == max_tokens
         held += decoder.decode(bytes([token]) if token < 256 else b"\xff", final=last)
@@ -275,7 +320,7 @@ def batch_generate(model: BDH, prompts: list, max_tokens: int = 256, stop: Itera
     Each row is cut before its first stop string. Other keyword arguments as ``generate_step``.
     """
     rows = [encode_prompt(p, model.config.vocab_size) for p in prompts]
-    steps = [y for y, _ in _batch_steps(model, rows, max_tokens=max_tokens, **_with_sampler(kwargs))]
+    steps = [y for y, _ in _batch_steps(model, rows, max_tokens=max_tokens, **_with_sampler(kwargs, "batch_generate"))]
     columns = mx.stack(steps, axis=1).tolist() if steps else [[] for _ in rows]
     texts = [bytes(t if t < 256 else 0xFF for t in row).decode("utf-8", errors="replace") for row in columns]
     return [_split_at_stop(text, list(stop), final=True)[0] for text in texts]
@@ -290,8 +335,7 @@ def build_parser():
         description="Continue a prompt with a trained model: the prompt and the continuation go to stdout, "
         "the statistics to stderr.",
     )
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CKPT",
-                   help="checkpoint: .npz path or Hub repo id org/name[@revision]; --model is the mlx-lm spelling")
+    add_checkpoint_argument(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", "-p", help="text to continue; '-' reads standard input")
     text.add_argument("--instruction", help="an instruction for a fine-tuned model: wrapped in its prompt template, "
@@ -308,10 +352,12 @@ def build_parser():
     return p
 
 
-def add_sampling_arguments(p, temperature: float = 1.0):
-    """Temperature, top-k/p, min-p, repetition penalty and seed (``generate`` and ``chat``)."""
+def add_sampling_arguments(p):
+    """Temperature, top-k/p, min-p, repetition penalty and seed (``generate`` and ``chat``); greedy by default, as
+    the Python API and mlx-lm."""
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--temperature", "--temp", type=non_negative_float, default=temperature, help="0 is greedy")
+    sampling.add_argument("--temperature", "--temp", type=non_negative_float, default=0.0,
+                          help="0 (the default) is greedy")
     sampling.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0: off)")
     sampling.add_argument("--top-p", type=number_in(0, 1, lo_open=True), default=1.0,
                           help="nucleus sampling, in (0, 1] (1: off)")
@@ -348,8 +394,11 @@ def run(args):
     if args.instruction is None:  # an instruction's answer is printed alone
         sys.stdout.write(bytes(tokens).decode("utf-8", errors="replace"))
         sys.stdout.flush()
-    with eval_mode(model):
-        logits = prefill(model, mx.array([tokens]), cache, args.prefill_chunk)
+    with eval_mode(model), tqdm(total=len(tokens), unit="B", unit_scale=True, desc="prompt", leave=False,
+                                disable=len(tokens) <= PROGRESS_MIN_TOKENS, file=sys.stderr) as bar:
+        tic = time.perf_counter()
+        logits = prefill(model, mx.array([tokens]), cache, args.prefill_chunk, progress=bar.update)
+        prompt_seconds = time.perf_counter() - tic
     if args.save_cache is not None:
         cache.save(args.save_cache)
     generate(
@@ -360,6 +409,7 @@ def run(args):
         **sampling_options(args),
         cache=cache,
         prompt_logits=logits,
+        prompt_seconds=prompt_seconds,
         seed=args.seed,
         stop=stop,
     )

@@ -5,7 +5,14 @@
 
 import json
 
-from bdh_mlx.arguments import ArgumentParser, non_negative_float, non_negative_int, positive_int, run_command
+from bdh_mlx.arguments import (
+    ArgumentParser,
+    add_checkpoint_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 from bdh_mlx.storage import checkpoint
 from bdh_mlx.storage.files import atomic_write_text
 
@@ -17,7 +24,7 @@ PROG = "bdh-mlx graphs"
 
 def build_parser():
     parser = ArgumentParser(prog=PROG, description="Neuron graphs G = D E per head: degrees and modularity.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint")
+    add_checkpoint_argument(parser)
     parser.add_argument("--kind", choices=["x", "y"], default="x", help="G_x (encoder) or G_y (encoder_v)")
     parser.add_argument("--top-k", type=positive_int, help="keep the largest positive entries per row (default 16)")
     parser.add_argument("--threshold", type=non_negative_float, help="keep the entries above this")

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from bdh_mlx.arguments import positive_int
+from bdh_mlx.arguments import add_checkpoint_argument, positive_int
 from bdh_mlx.errors import BDHError
 from bdh_mlx.storage.files import eval_mode
 
@@ -108,7 +108,7 @@ def synapse_address(text: str) -> tuple:
 
 
 def add_common_options(parser):
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint")
+    add_checkpoint_argument(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=CHUNK_SIZE,
                         help="bytes per step through the recurrent state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,6 +2,7 @@
 
     bdh-mlx convert --from-torch model.pt --out model.npz --n-layer L [--dropout P]
     bdh-mlx convert --to-torch model.npz --out model.pt
+    bdh-mlx convert --to-mlx-lm model.npz --out DIR      (an mlx-lm model folder: storage/mlx_lm.py)
 
 The mapping itself is plain numpy (``from_torch_state_dict``, ``to_torch_state_dict``);
 torch is imported only to read and write ``.pt`` files.
@@ -17,15 +18,10 @@ import numpy as np
 from bdh_mlx.arguments import ArgumentParser, number_in, positive_int, run_command
 from bdh_mlx.errors import BDHError, CheckpointError
 from bdh_mlx.model import BDHConfig, rope_frequencies
-from bdh_mlx.storage.checkpoint import (
-    ROPE_FREQS_KEY,
-    check_finite,
-    check_weights,
-    read_checkpoint,
-    save_weights,
-    weight_shapes,
-)
+from bdh_mlx.storage import mlx_lm
+from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.files import atomic_write
+from bdh_mlx.storage.format import ROPE_FREQS_KEY, check_finite, check_weights, save_weights, weight_shapes
 
 COMPILE_PREFIX = "_orig_mod."  # torch.compile prefixes every key with this
 FREQS_KEY = "attn.freqs"  # the official RoPE buffer: a constant, recomputed by the model
@@ -190,12 +186,21 @@ def mlx_to_torch(src, out) -> BDHConfig:
     return config
 
 
+def export(checkpoint, out) -> tuple:
+    """Write the mlx-lm model folder of ``checkpoint`` (a path or Hub id) into ``out``; returns its config and files."""
+    config, weights = read_checkpoint(checkpoint)
+    return config, mlx_lm.write_export(config, weights, out, checkpoint)
+
+
 def build_parser():
-    parser = ArgumentParser(prog="bdh-mlx convert", description="Convert to and from the official PyTorch state_dict.")
+    parser = ArgumentParser(prog="bdh-mlx convert", description="Convert to and from the official PyTorch state_dict, "
+                            "or to an mlx-lm model folder.")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-torch", type=Path, metavar="PT", help="official state_dict (.pt) to convert")
     direction.add_argument("--to-torch", metavar="NPZ", help="bdh-mlx checkpoint (.npz or Hub repo id) to convert")
-    parser.add_argument("--out", type=Path, required=True, help="file to write")
+    direction.add_argument("--to-mlx-lm", metavar="CKPT", help="checkpoint (path or Hub repo id) to write as an mlx-lm "
+                           "model folder (mlx_lm.generate/chat/server --model DIR --trust-remote-code)")
+    parser.add_argument("--out", type=Path, required=True, help="file to write (with --to-mlx-lm: the folder)")
     parser.add_argument("--n-layer", type=positive_int, help="recurrent depth: not stored in a state_dict, so required "
                         "unless the file stores a config with n_layer (under 'model_args' or 'config')")
     parser.add_argument("--dropout", type=number_in(0, 1, hi_open=True),
@@ -208,6 +213,15 @@ def _from_torch_options(args) -> dict:
 
 
 def run(args):
+    if args.to_mlx_lm:
+        if args.out.exists() and not args.out.is_dir():
+            raise CheckpointError(f"{args.out}: is a file; --out needs a folder with --to-mlx-lm")
+        try:
+            _, files = export(args.to_mlx_lm, args.out)
+        except OSError as e:
+            raise CheckpointError(f"{args.out}: cannot write ({e})") from None
+        print(f"wrote {args.out}: {', '.join(f.name for f in files)}")
+        return
     if args.out.is_dir():
         raise CheckpointError(f"{args.out}: is a directory; --out needs a file name")
     try:
@@ -226,7 +240,7 @@ def run(args):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.to_torch and _from_torch_options(args):
+    if not args.from_torch and _from_torch_options(args):
         parser.error("--n-layer and --dropout apply only to --from-torch")
     return args
 

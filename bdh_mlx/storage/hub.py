@@ -21,7 +21,8 @@ from bdh_mlx.errors import CheckpointError
 MODEL_FILE = "model.npz"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-REPO_FILES = (MODEL_FILE, CONFIG_FILE, CARD_FILE)
+SAFETENSORS_FILE = "model.safetensors"  # an mlx-lm model folder (storage/mlx_lm.py): read in place of model.npz
+REPO_FILES = (MODEL_FILE, CONFIG_FILE, CARD_FILE, SAFETENSORS_FILE, "tokenizer.json")
 
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login`"
 PATIENCE_VARIABLE = "BDH_HUB_TIMEOUT"
@@ -176,7 +177,8 @@ def parse_repo_id(spec: str):
 def resolve_checkpoint(spec) -> Path:
     """The local ``.npz`` for a checkpoint path or a Hub repo id (downloaded and cached); a local path wins.
 
-    A folder stands for the ``model.npz`` inside it (e.g. a repo downloaded with ``--local-dir``).
+    A folder stands for the ``model.npz`` inside it (e.g. a repo downloaded with ``--local-dir``), or else for
+    itself (an mlx-lm model folder).
     Anything that is neither an existing path nor a repo id comes back as a path, for the reader's error.
     """
     if isinstance(spec, Path) or looks_like_path(str(spec)):
@@ -189,12 +191,15 @@ def resolve_checkpoint(spec) -> Path:
 
 
 def download(repo_id: str, revision=None) -> Path:
-    """``model.npz`` of a Hub model repo, from the cache or downloaded (with ``config.json`` and ``README.md``)."""
+    """``model.npz`` of a Hub model repo, from the cache or downloaded (with ``config.json`` and ``README.md``);
+    the repo's folder when it holds an mlx-lm model folder instead (``model.safetensors``; no ``.py`` is fetched)."""
     import huggingface_hub
 
     with hub_errors(repo_id, revision, missing="no such local file, and no such Hub repo"):
         folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(REPO_FILES))
     path = Path(folder) / MODEL_FILE
+    if not path.is_file() and (Path(folder) / SAFETENSORS_FILE).is_file():
+        return Path(folder)
     if not path.is_file():
         at = f" at revision {revision!r}" if revision else ""
         raise HubError(f"{repo_id}: the Hub repo has no {MODEL_FILE}{at}; it is not a bdh-mlx model")

@@ -1,27 +1,21 @@
 """``bdh-mlx upload``: a checkpoint on the Hugging Face Hub, with its config and a model card (and a run's metrics).
 
-The repo gets ``model.npz`` (the checkpoint, byte for byte), ``config.json`` and ``README.md``; with ``--run``
-the card also reports the run's final metrics and shows its plots (uploaded under ``plots/``).
+The repo gets the mlx-lm model folder of the checkpoint (``storage/mlx_lm.py``: ``config.json``,
+``model.safetensors``, a byte-level tokenizer and the model file), so that one repo serves both
+``bdh_mlx.load("org/name")`` and ``mlx_lm.generate --model org/name --trust-remote-code``, and ``README.md``;
+with ``--run`` the card also reports the run's final metrics and shows its plots (uploaded under ``plots/``).
 """
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.arguments import ArgumentParser, add_checkpoint_argument, run_command
 from bdh_mlx.errors import DataError
-from bdh_mlx.storage.checkpoint import read_checkpoint
-from bdh_mlx.storage.files import atomic_write, atomic_write_text
-from bdh_mlx.storage.hub import (
-    CARD_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    hub_errors,
-    looks_like_path,
-    parse_repo_id,
-    resolve_checkpoint,
-)
+from bdh_mlx.storage.convert import export
+from bdh_mlx.storage.files import atomic_write_text
+from bdh_mlx.storage.hub import CARD_FILE, hub_errors, looks_like_path, parse_repo_id
+from bdh_mlx.storage.mlx_lm import CONFIG_FILE, WEIGHTS_FILE
 from bdh_mlx.tools.plot import read_metrics
 
 PROG = "bdh-mlx upload"
@@ -126,6 +120,25 @@ print(generate(model, prompt, max_tokens=200, stop=[end_of_response(model)]))
 """
 
 
+def mlx_lm_usage(repo_id: str, config) -> str:
+    """The model in mlx-lm: generate (a base model) or chat (an instruction-tuned one), and the server."""
+    server = f"mlx_lm.server --model {repo_id} --trust-remote-code   # OpenAI-compatible, on 127.0.0.1:8080"
+    if config.prompt_template is None:
+        return f"""```bash
+mlx_lm.generate --model {repo_id} --trust-remote-code --prompt "The " --max-tokens 200
+{server}
+```
+"""
+    return f"""```bash
+mlx_lm.chat --model {repo_id} --trust-remote-code
+{server}
+```
+
+The chat template is the stored prompt template; pass `stop: ["{config.prompt_template['end']}"]` in requests to the
+server to end answers at the end-of-response marker, as `bdh-mlx chat` does.
+"""
+
+
 def model_card(repo_id: str, config, license: str, datasets: list, summary=None, plots=()) -> str:
     """README.md of a model repo: front matter, what the model is, how to load and generate, how it was trained."""
     data, run_datasets = training_data(summary["args"]) if summary else (None, [])
@@ -141,34 +154,33 @@ A [Baby Dragon Hatchling (BDH)]({PAPER}) language model over bytes, trained with
 | {config.num_parameters:,} | {config.n_layer} | {config.n_head} | {config.n_embd} | {config.n_neurons:,} | \
 {config.vocab_size} bytes |
 
-`{MODEL_FILE}` is the bdh-mlx checkpoint (weights under the official BDH names, with the config);
-`{CONFIG_FILE}` repeats the config.
+`{WEIGHTS_FILE}` holds the weights under the official BDH names and `{CONFIG_FILE}` the config: an mlx-lm model
+folder (`bdh-mlx convert --to-mlx-lm`), which bdh-mlx reads without running its `.py` file.
 
 ## Use
 
 {usage(repo_id, config)}
 `load` and `--model` download the repo once into the Hugging Face cache; `{repo_id}@REVISION` pins a revision.
-"""
+
+In mlx-lm (`pip install "bdh-mlx[mlx-lm]"`): `--trust-remote-code` runs `bdh_model.py`, two lines that import the
+model from the installed bdh-mlx.
+
+{mlx_lm_usage(repo_id, config)}"""
     return text + ("\n" + training_section(summary, data, plots) if summary else "")
 
 
 def prepare_upload_folder(checkpoint, folder, repo_id: str, run_dir=None, license: str = "mit",
                           datasets=()) -> list:
-    """Write model.npz (unchanged), config.json, README.md (and plots/ with a run) into ``folder``; returns paths."""
+    """Write the checkpoint's mlx-lm model folder, README.md (and plots/ with a run) into ``folder``; returns paths."""
     from bdh_mlx.tools.plot import plot_run
 
-    source = resolve_checkpoint(checkpoint)
-    config, _ = read_checkpoint(source)
     summary = run_summary(run_dir) if run_dir is not None else None
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with source.open("rb") as model_file:
-        atomic_write(folder / MODEL_FILE, lambda f: shutil.copyfileobj(model_file, f))
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    config, files = export(checkpoint, folder)
     plots = plot_run(run_dir, folder / PLOTS_DIR) if run_dir is not None else []
     card = model_card(repo_id, config, license, list(datasets), summary, plots)
     atomic_write_text(folder / CARD_FILE, card)
-    return [folder / MODEL_FILE, folder / CONFIG_FILE, folder / CARD_FILE, *plots]
+    return [*files, folder / CARD_FILE, *plots]
 
 
 def upload_folder(folder, repo_id: str, private: bool = False, message: str = "Upload bdh-mlx model") -> str:
@@ -192,7 +204,7 @@ def build_parser():
     p = ArgumentParser(prog=PROG, description="Upload a checkpoint to the Hugging Face Hub with its config and a "
                                               "model card (needs a token with write access: HF_TOKEN or "
                                               "`hf auth login`).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint to upload (path or Hub repo id)")
+    add_checkpoint_argument(p, help="checkpoint to upload (.npz, mlx-lm model folder or Hub repo id; or --model)")
     p.add_argument("--repo", required=True, type=repo_id_arg, metavar="ORG/NAME",
                    help="the Hub repo (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bdh_mlx.arguments import ArgumentParser, run_command
+from bdh_mlx.arguments import ArgumentParser, add_checkpoint_argument, run_command
 from bdh_mlx.errors import BDHError
 from bdh_mlx.inference.engines import choose_engine
 from bdh_mlx.modeling.quantized import QuantizedEmbedding, QuantizedWeight, default_group_size, stored_shapes
@@ -50,7 +50,7 @@ def quantize(model, bits: int = 4, group_size: int | None = None, embedding: boo
 def build_parser():
     p = ArgumentParser(prog="bdh-mlx quantize",
                        description="Quantize a checkpoint's weights to 4 or 8 bits (MLX affine quantization).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a float bdh-mlx .npz checkpoint")
+    add_checkpoint_argument(p, help="a float checkpoint (.npz, mlx-lm model folder or Hub repo id; or --model)")
     p.add_argument("--bits", type=int, required=True, help="4 or 8")
     p.add_argument("--group-size", type=int,
                    help="values sharing one scale and bias (default: the largest of 128, 64, 32 that fits the model)")

@@ -15,6 +15,7 @@ from bdh_mlx.arguments import (
     DEFAULT_BLOCK_SIZE,
     ArgumentParser,
     add_batch_arguments,
+    add_checkpoint_argument,
     positive_int,
     run_command,
 )
@@ -90,7 +91,7 @@ def add_eval_arguments(parser):
 
 def build_parser():
     parser = ArgumentParser(prog="bdh-mlx eval", description="Validation loss and bits per byte of a checkpoint.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a bdh-mlx .npz checkpoint or Hub repo id")
+    add_checkpoint_argument(parser)
     group = add_batch_arguments(parser, block_size=None, batch_size=None)
     group.description = (f"--block-size and --batch-size default to those the checkpoint's run trained with "
                          f"(else {DEFAULT_BLOCK_SIZE} and {DEFAULT_BATCH_SIZE})")

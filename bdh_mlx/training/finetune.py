@@ -314,8 +314,9 @@ def build_parser():
                              "(Alpaca, Dolly, prompt/completion or chat messages), or resume a fine-tune.")
     p.add_argument("--config", metavar="FILE", help="YAML or TOML file of option values; flags override it")
     model = p.add_argument_group("model (the checkpoint's config, except for these)")
-    model.add_argument("--init-from", metavar="CKPT_OR_REPO", help="the checkpoint to fine-tune: .npz path or Hub "
-                       "repo id org/name[@revision] (required)")
+    model.add_argument("--init-from", "--model", dest="init_from", metavar="CKPT_OR_REPO",
+                       help="the checkpoint to fine-tune: .npz path, mlx-lm model folder or Hub repo id "
+                       "org/name[@revision] (required; --model is mlx-lm's spelling)")
     model.add_argument("--dropout", type=non_negative_float, help="dropout on x * y")
     model.add_argument("--attention", choices=ATTENTION_FORMS, help="attention form (auto, parallel, chunked)")
     model.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of the chunked form")
