@@ -83,7 +83,9 @@ def test_opt_out_keeps_mlx_reference_blas_silently():
 
 @linux_with_wheel
 def test_mlx_imported_first_warns_once_and_still_works():
-    code = "import mlx.core\nimport bdh_mlx\nbdh_mlx.blas.load()\n" + MATMUL
+    """Without the import hook (taken out of ``sys.meta_path`` here), as in an install without bdh_mlx_blas.pth."""
+    code = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if getattr(f, '__name__', '') != "
+            "'LoadBlasBeforeMlx']\nimport mlx.core\nimport bdh_mlx\nbdh_mlx.blas.load()\n" + MATMUL)
     stdout, stderr, bound = run_python(code, bindings=True)
     message = ("RuntimeWarning: bdh_mlx: mlx.core was imported before bdh_mlx, so MLX keeps its slow reference BLAS: "
                "import bdh_mlx first" + WARNING_TAIL)
@@ -180,4 +182,17 @@ def test_the_pth_hook_is_silent_without_the_cpu_extra(tmp_path):
     stdout, stderr, bound = run_python(code, bindings=True)
     assert bound is None or "openblas" not in bound
     assert "bdh_mlx" not in stderr
+    assert_exact_matmul(stdout)
+
+
+@linux_with_wheel
+def test_the_installed_hook_gives_mlx_imported_first_the_openblas():
+    """As pip installs bdh-mlx (a wheel or -e, as CI does): mlx-lm's order, mlx.core first, gets the OpenBLAS."""
+    import site
+
+    if not any((Path(folder) / "bdh_mlx_blas.pth").exists() for folder in site.getsitepackages()):
+        pytest.skip("bdh-mlx is not pip-installed in this interpreter (no bdh_mlx_blas.pth)")
+    stdout, stderr, bound = run_python("import mlx.core\n" + MATMUL, bindings=True)
+    assert bound is not None and "libopenblas" in bound
+    assert "RuntimeWarning" not in stderr
     assert_exact_matmul(stdout)
