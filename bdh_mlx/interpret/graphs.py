@@ -101,25 +101,28 @@ def degrees(graph: sp.spmatrix) -> np.ndarray:
     return np.diff(undirected(graph).indptr)
 
 
-def power_law_fit(degrees: np.ndarray, min_tail: int = 10) -> dict:
+def power_law_fit(degrees: np.ndarray, min_tail: int = 50) -> dict:
     """The discrete power law P(d) ~ d^-alpha for d >= d_min (the ``powerlaw`` package: maximum likelihood, d_min
     by Kolmogorov-Smirnov, Clauset et al. 2009), compared by log-likelihood ratio with its alternatives.
 
     Returns ``alpha`` (None when the fit stopped at a bound of ``ALPHA_RANGE`` or failed: ``note`` says why),
     ``d_min``, ``n_tail``, ``n`` (degrees > 0), ``ks`` and per alternative ``{"R": normalised ratio (> 0 favours
-    the power law), "p": its significance}``.
+    the power law), "p": its significance}``. d_min is searched among the values that leave ``min_tail`` degrees
+    or more in the tail.
     """
     import powerlaw
 
     d = np.asarray(degrees)[np.asarray(degrees) > 0]
     result = {"alpha": None, "d_min": None, "n_tail": 0, "n": int(len(d)), "ks": None, "note": None,
               "compare": {}}
-    if len(d) < min_tail or len(np.unique(d)) < 3:
-        result["note"] = f"too few distinct degrees to fit ({len(np.unique(d))} values in {len(d)} neurons)"
+    if len(d) < min_tail or len(np.unique(np.sort(d)[-min_tail:])) < 3:
+        result["note"] = (f"too few distinct degrees to fit (fewer than 3 values among the {min_tail} largest of "
+                          f"{len(d)})")
         return result
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        fit = powerlaw.Fit(d, discrete=True, verbose=False, parameter_ranges={"alpha": list(ALPHA_RANGE)})
+        fit = powerlaw.Fit(d, discrete=True, verbose=False, parameter_ranges={"alpha": list(ALPHA_RANGE)},
+                           xmin=d_min_range(d, min_tail))
         alpha, d_min = float(fit.power_law.alpha), int(fit.xmin)
         result.update(d_min=d_min, n_tail=int((d >= d_min).sum()), ks=float(fit.power_law.D))
         result["compare"] = {alt: dict(zip(("R", "p"), map(float, fit.distribution_compare(
@@ -132,18 +135,25 @@ def power_law_fit(degrees: np.ndarray, min_tail: int = 10) -> dict:
     return result
 
 
+def d_min_range(d: np.ndarray, min_tail: int):
+    """powerlaw.Fit's ``xmin``: the degrees that leave ``min_tail`` in the tail, as the range it searches (it takes
+    the values in [low, high) and drops the last), or the one value when only one qualifies."""
+    values = np.unique(d)
+    allowed = values[values <= np.sort(d)[-min_tail]]
+    return float(allowed[0]) if len(allowed) == 1 else (float(allowed[0]), float(values[len(allowed)]) + 0.5)
+
+
 def modularity(graph: sp.spmatrix, seed: int = 0, weighted: bool = True) -> dict:
     """Louvain communities of the undirected graph (networkx) and their modularity Q (None: no edges).
 
     ``weighted`` False: every edge counts 1 (for comparing with a degree-preserving shuffle, which has no weights).
     """
-    if graph.nnz == 0:
-        return {"modularity": None, "n_communities": graph.shape[0], "largest_communities": [1]}
-    g = nx.from_scipy_sparse_array(undirected(graph))
-    return graph_modularity(g, seed, "weight" if weighted else None)
+    return graph_modularity(nx.from_scipy_sparse_array(undirected(graph)), seed, "weight" if weighted else None)
 
 
 def graph_modularity(g: nx.Graph, seed: int, weight) -> dict:
+    if g.number_of_edges() == 0:
+        return {"modularity": None, "n_communities": g.number_of_nodes(), "largest_communities": [1]}
     communities = nx.community.louvain_communities(g, weight=weight, seed=seed)
     sizes = sorted((len(c) for c in communities), reverse=True)
     return {"modularity": float(nx.community.modularity(g, communities, weight=weight)),

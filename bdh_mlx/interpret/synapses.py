@@ -33,17 +33,18 @@ def check_synapses(config, synapses) -> list:
     return synapses
 
 
-def synapse_sums(model, text, layers=None, powers=(1,), chunk_size: int = CHUNK_SIZE,
-                 progress: bool = True) -> dict:
-    """``{p: {(layer, head): csr (N, N)}}``, entry (i, j) = sum over the bytes of (y[i] x[j]) ** p; p = 0 counts the
-    bytes where the pair co-fired (where the synapse grew)."""
+def synapse_sums(model, text, layers=None, powers=(1,), chunk_size: int = CHUNK_SIZE, progress: bool = True,
+                 skip: int = 0) -> dict:
+    """``{p: {(layer, head): csr (N, N)}}``, entry (i, j) = sum over the bytes (from byte ``skip`` on) of
+    (y[i] x[j]) ** p; p = 0 counts the bytes where the pair co-fired (where the synapse grew)."""
     layers = synapse_layers(model.config, layers)
     N, nh = model.config.n_neurons, model.config.n_head
     sums = {p: {(layer, h): sp.csr_matrix((N, N), dtype=np.float64) for layer in layers for h in range(nh)}
             for p in powers}
-    for _, acts in stream_activations(model, text, chunk_size, progress, desc="synapses"):
+    for start, acts in stream_activations(model, text, chunk_size, progress, desc="synapses"):
+        rows = slice(max(0, skip - start), None)
         for layer, h in sums[powers[0]]:
-            y, x = sp.csr_matrix(acts[layer - 1]["y"][h]), sp.csr_matrix(acts[layer]["x"][h])  # (T, N) each
+            y, x = (sp.csr_matrix(acts[layer - k][kind][h][rows]) for k, kind in ((1, "y"), (0, "x")))  # (T, N)
             for p in powers:
                 yp, xp = y.copy(), x.copy()
                 yp.data, xp.data = yp.data.astype(np.float64) ** p, xp.data.astype(np.float64) ** p
@@ -56,22 +57,29 @@ def synapse_state(model, text, layers=None, chunk_size: int = CHUNK_SIZE, progre
     return synapse_sums(model, text, layers, (1,), chunk_size, progress)[1]
 
 
+WARM_UP = 32  # bytes at the start of a text, where the state is empty and activations spike
+
+
 def changing_synapses(model, text, top: int = 5, min_steps: int | None = None, layers=None,
-                      chunk_size: int = CHUNK_SIZE, progress: bool = True) -> list:
+                      chunk_size: int = CHUNK_SIZE, progress: bool = True, skip: int = WARM_UP) -> list:
     """The synapses whose growth along ``text`` varies most: ``(layer, head, i, j, cv, steps)``, largest cv first.
 
     ``cv`` is the coefficient of variation of the per-byte increments y[i] x[j] over the T bytes: 0 for a synapse
     that grows at a constant rate (an always-on pair, a straight line), sqrt(T / k - 1) for one that grows by
     equal steps at k bytes. Only synapses that grew at ``min_steps`` bytes or more (default: 1% of the bytes, at
-    least 3) are ranked, so that one stray co-firing is not a "step".
+    least 3) are ranked, so that one stray co-firing is not a "step". The first ``skip`` bytes (at most half the
+    text) are left out of the ranking: there the state is still empty and a few large activations would dominate.
     """
-    n = len(as_bytes(text))
+    skip = min(skip, len(as_bytes(text)) // 2)
+    n = len(as_bytes(text)) - skip
     min_steps = max(3, n // 100) if min_steps is None else min_steps
-    sums = synapse_sums(model, text, layers, (0, 1, 2), chunk_size, progress)
+    sums = synapse_sums(model, text, layers, (0, 1, 2), chunk_size, progress, skip)
     found = []
     for key, steps in sums[0].items():
         steps = steps.tocoo()
         keep = steps.data >= min_steps
+        if not keep.any():
+            continue
         i, j = steps.row[keep], steps.col[keep]
         s1, s2 = np.asarray(sums[1][key][i, j]).ravel(), np.asarray(sums[2][key][i, j]).ravel()
         cv = np.sqrt(np.maximum(n * s2 / np.maximum(s1, 1e-300) ** 2 - 1, 0))
