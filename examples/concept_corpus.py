@@ -75,6 +75,17 @@ def paragraph(rng: random.Random, topic: str, templates: dict) -> str:
     return " ".join(sentences)
 
 
+def make_corpus(paragraphs: int = 8000, held_out_per_concept: int = 40, seed: int = 0) -> tuple:
+    """``(train text, held-out sentences per concept)``: the same for the same arguments."""
+    rng = random.Random(seed)
+    train = "\n\n".join(paragraph(rng, rng.choice(list(TEMPLATES)), TEMPLATES) for _ in range(paragraphs)) + "\n"
+    held_out = {f"{topic}{suffix}": [sentence(rng.choice(HELD_OUT_TEMPLATES[topic]), rng, new_names)
+                                     for _ in range(held_out_per_concept)]
+                for topic in HELD_OUT_TEMPLATES for suffix, new_names in (("", False), ("_new_names", True))
+                if not new_names or topic in ("currency", "country")}
+    return train, held_out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("checkpoints_mlx/concept_corpus"))
@@ -82,14 +93,9 @@ def main():
     parser.add_argument("--held-out", type=int, default=40, help="held-out sentences per concept")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    train = "\n\n".join(paragraph(rng, rng.choice(list(TEMPLATES)), TEMPLATES) for _ in range(args.paragraphs))
-    (args.out / "train.txt").write_text(train + "\n")
-    held_out = {f"{topic}{suffix}": [sentence(rng.choice(HELD_OUT_TEMPLATES[topic]), rng, new_names)
-                                     for _ in range(args.held_out)]
-                for topic in HELD_OUT_TEMPLATES for suffix, new_names in (("", False), ("_new_names", True))
-                if not new_names or topic in ("currency", "country")}
+    train, held_out = make_corpus(args.paragraphs, args.held_out, args.seed)
+    (args.out / "train.txt").write_text(train)
     (args.out / "held_out.json").write_text(json.dumps(held_out, indent=1) + "\n")
     print(f"wrote {args.out}/train.txt ({len(train):,} bytes) and {args.out}/held_out.json")
 

@@ -30,11 +30,21 @@ def initial_model(config, seed: int = 0):
     return BDH(config)
 
 
+def head_weights(model, head: int, kind: str) -> tuple:
+    """The head's encoder (D, N) and decoder rows (N, D) as float32 numpy, from a float or a quantized model
+    (whose weights are stored transposed: see ``bdh_mlx.model.quantized``)."""
+    N = model.config.n_neurons
+    encoder, decoder = getattr(model, ENCODERS[kind]), model.decoder
+    if hasattr(encoder, "dequantize"):
+        return (np.array(encoder.dequantize(head)).T.astype(np.float32),
+                np.array(decoder.dequantize(head)).T.astype(np.float32))
+    return np.array(encoder[head]).astype(np.float32), np.array(decoder[head * N : (head + 1) * N]).astype(np.float32)
+
+
 def graph_blocks(model, head: int, kind: str, block: int = 1024):
     """Yield ``(start, g)``: rows start .. start + len(g) of the head's dense G, self-loops set to 0."""
     N = model.config.n_neurons
-    encoder = np.array(getattr(model, ENCODERS[kind])[head]).astype(np.float32)  # (D, N)
-    decoder = np.array(model.decoder[head * N : (head + 1) * N]).astype(np.float32)  # (N, D)
+    encoder, decoder = head_weights(model, head, kind)  # (D, N), (N, D)
     for start in range(0, N, block):
         g = encoder[:, start : start + block].T @ decoder.T  # (b, N)
         g[np.arange(len(g)), start + np.arange(len(g))] = 0

@@ -169,6 +169,19 @@ def selectivity(positive, negative) -> dict:
             "n_held_out_other": n_neg, "warning": warning}
 
 
+def synapse_rates(model, texts, synapses, chunk_size: int = CHUNK_SIZE) -> np.ndarray:
+    """(n_texts, n_synapses): each synapse's strength after each text, per byte of the text."""
+    return np.array([synapse_series(model, text, synapses, chunk_size, False)[:, -1] / len(as_bytes(text))
+                     for text in texts])
+
+
+def held_out_scores(model, synapses, concept, other, chunk_size: int = CHUNK_SIZE) -> list:
+    """Per synapse: its ``selectivity`` fields on held-out concept vs other texts and its mean rates on each."""
+    on, off = (synapse_rates(model, texts, synapses, chunk_size) for texts in (concept, other))
+    return [{**selectivity(on[:, s], off[:, s]), "held_out_concept": float(on[:, s].mean()),
+             "held_out_other": float(off[:, s].mean())} for s in range(len(synapses))]
+
+
 def growth_contexts(model, texts, synapse, n_contexts: int, context: int, chunk_size: int) -> list:
     """The bytes of ``texts`` where ``synapse`` grew most, as snippets that stay inside their own text."""
     found = []
@@ -200,16 +213,11 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
     on = mean_rates(per_byte_rates(model, concept, **run))
     off = mean_rates(per_byte_rates(model, other, **run))
     chosen = strongest_synapses({key: relative(on[key], off[key]) for key in on}, top)
-    held = {name: per_byte_rates(model, texts, **run) for name, texts in
-            (("concept", held_out_concept), ("other", held_out_other))}
+    scored = held_out_scores(model, [s[:4] for s in chosen], held_out_concept, held_out_other, chunk_size)
     results = []
-    for layer, head, i, j, score in chosen:
-        rates = {name: np.array([r[layer, head][i, j] for r in held[name]]) for name in held}
+    for (layer, head, i, j, score), held in zip(chosen, scored, strict=True):
         results.append({"layer": layer, "head": head, "i": i, "j": j, "score": score,
-                        "gain": on[layer, head][i, j] - off[layer, head][i, j],
-                        **selectivity(rates["concept"], rates["other"]),
-                        "held_out_concept": float(rates["concept"].mean()),
-                        "held_out_other": float(rates["other"].mean()),
+                        "gain": on[layer, head][i, j] - off[layer, head][i, j], **held,
                         "contexts": growth_contexts(model, concept, (layer, head, i, j), n_contexts, context,
                                                     chunk_size)})
     return results
