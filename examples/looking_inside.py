@@ -77,8 +77,9 @@ def currency_synapses(model, held_out: dict, out: Path, top: int) -> list:
 
 
 def report(model, checkpoint: Path, held_out: dict, out: Path):
-    text = "\n\n".join(" ".join(held_out[topic][i : i + 3] for topic in ("currency", "country", "weather", "animal"))
-                       for i in range(0, 12, 3))
+    topics = ("currency", "country", "weather", "animal")
+    text = "\n\n".join(" ".join(held_out[topic][i] for i in range(start, start + 3)) for start in range(0, 12, 3)
+                       for topic in topics)
     write_report(out / "report.html", model, text, title=f"BDH: looking inside {checkpoint.name}", progress=False,
                  init_model=initial_model(model.config))
     if chromium() is not None:
@@ -100,9 +101,9 @@ def main():
     results = {"checkpoint": args.checkpoint.name, "sparsity": sparsity_curve(model, corpus, args.metrics, args.out),
                "graphs": graphs(model, args.out), "currency_synapses": currency_synapses(model, held_out, args.out,
                                                                                          args.top)}
-    report(model, args.checkpoint, held_out, args.out)
     (args.out / "looking-inside.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
+    report(model, args.checkpoint, held_out, args.out)
     print(f"wrote {args.out}/: sparsity-training.png, degrees.png, concept-synapses.png, report.html, "
           f"looking-inside.json" + (", looking-inside.png" if chromium() else " (no chromium: no screenshot)"))
 

@@ -122,17 +122,32 @@ def per_byte_rates(model, texts, layers, chunk_size, progress) -> list:
     return rates
 
 
-def mean_rates(rates: list) -> dict:
-    return {key: sum(r[key] for r in rates) / len(rates) for key in rates[0]}
+def mean_and_error(rates: list, key) -> tuple:
+    """The mean of ``rates[k][key]`` over the texts and the squared standard error of that mean (sparse)."""
+    n = len(rates)
+    mean = sum(r[key] for r in rates) / n
+    square = sum(r[key].power(2) for r in rates) / n
+    variance = (square - mean.power(2)) * (n / (n - 1) if n > 1 else 1.0)  # the sample variance
+    return mean.tocsr(), (variance / n).tocsr()
 
 
-def relative(on: sp.spmatrix, off: sp.spmatrix) -> sp.csr_matrix:
-    """(on - off) / (on + off + c), c the mean non-zero rate on the concept: near 1 for synapses that grow only
-    on the concept, damped for the faint ones (a pure ratio would favour noise)."""
-    total = (on + off).tocsr()
-    damping = on.data.mean() if on.nnz else 1.0
-    total.data = 1 / (total.data + damping)
-    return (on - off).multiply(total).tocsr()
+DAMPING = 0.1  # of the mean concept rate, added to the standard error: a synapse seen once is not "certain"
+
+
+def separation(on: list, off: list, key) -> tuple:
+    """(score, gain) of every synapse at ``key``: gain = mean rate on concept texts minus on other texts, score =
+    gain / (its standard error + ``DAMPING`` x the mean non-zero concept rate), a damped Welch t statistic."""
+    (m_on, e_on), (m_off, e_off) = mean_and_error(on, key), mean_and_error(off, key)
+    gain = (m_on - m_off).tocsr()
+    gain.eliminate_zeros()
+    pattern = gain.copy()
+    pattern.data[:] = 1
+    damping = DAMPING * (m_on.data.mean() if m_on.nnz else 1.0)
+    error = (e_on + e_off).tocsr()
+    error.data = np.sqrt(np.maximum(error.data, 0))
+    denominator = (error.multiply(pattern) + damping * pattern).tocsr()
+    denominator.data = 1 / denominator.data
+    return gain.multiply(denominator).tocsr(), gain
 
 
 MIN_HELD_OUT = 10  # held-out texts per side below which an AUC is flagged as too few to mean much
@@ -198,10 +213,11 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
                      progress: bool = True) -> list:
     """Synapses that grow most on texts about a concept, scored on held-out texts (the monosemantic-synapse test).
 
-    A synapse's rate on a text is its strength after the text per byte. Ranked by ``score``, the ``relative``
-    excess of its mean rate on ``concept`` over ``other``; each result has ``layer, head, i, j``, ``score``,
-    ``gain`` (the difference of the mean rates), the ``selectivity`` fields (AUC of held-out concept vs held-out
-    other rates: 1 = always higher on the concept, with its bootstrap interval, sample sizes and ``warning``),
+    A synapse's rate on a text is its strength after the text per byte. Ranked by ``score``, how clearly its
+    rate is higher on ``concept`` than on ``other`` texts (``separation``: a damped Welch t statistic); each result
+    has ``layer, head, i, j``, ``score``, ``gain`` (the difference of the mean rates), the ``selectivity`` fields
+    (AUC of held-out concept vs held-out other rates: 1 = always higher on the concept, with its bootstrap
+    interval, sample sizes and ``warning``),
     ``held_out_concept`` / ``held_out_other`` (mean rates) and ``contexts``: the concept bytes where it grew most.
     """
     for name, texts in (("concept", concept), ("other", other), ("held-out concept", held_out_concept),
@@ -210,14 +226,14 @@ def concept_synapses(model, concept, other, held_out_concept, held_out_other, to
             raise InterpretError(f"no {name} texts given")
     layers = synapse_layers(model.config, layers)
     run = dict(layers=layers, chunk_size=chunk_size, progress=progress)
-    on = mean_rates(per_byte_rates(model, concept, **run))
-    off = mean_rates(per_byte_rates(model, other, **run))
-    chosen = strongest_synapses({key: relative(on[key], off[key]) for key in on}, top)
+    on, off = per_byte_rates(model, concept, **run), per_byte_rates(model, other, **run)
+    separated = {key: separation(on, off, key) for key in on[0]}
+    chosen = strongest_synapses({key: score for key, (score, _) in separated.items()}, top)
     scored = held_out_scores(model, [s[:4] for s in chosen], held_out_concept, held_out_other, chunk_size)
     results = []
     for (layer, head, i, j, score), held in zip(chosen, scored, strict=True):
         results.append({"layer": layer, "head": head, "i": i, "j": j, "score": score,
-                        "gain": on[layer, head][i, j] - off[layer, head][i, j], **held,
+                        "gain": float(separated[layer, head][1][i, j]), **held,
                         "contexts": growth_contexts(model, concept, (layer, head, i, j), n_contexts, context,
                                                     chunk_size)})
     return results
