@@ -435,3 +435,18 @@ def test_a_missing_extra_is_one_line_naming_the_install(ckpt, capsys, monkeypatc
     code, out = run_cli([name, "--checkpoint", ckpt, *text, *rest], capsys)
     assert (code, out.err) == (2, f'bdh-mlx {name}: error: needs matplotlib, which is not installed: '
                                   'pip install "bdh-mlx[interpret]"\n')
+
+
+def test_graphs_read_a_quantized_checkpoint_through_its_dequantized_weights():
+    from bdh_mlx.interpret.graphs import head_weights
+    from bdh_mlx.model.quantized import quantize
+
+    model = tiny_model(2)
+    N = model.config.n_neurons
+    want = {k: (np.array(getattr(model, name)[1]), np.array(model.decoder[N : 2 * N]))
+            for k, name in (("x", "encoder"), ("y", "encoder_v"))}
+    quantize(model, bits=8, group_size=32)
+    for kind, (encoder, decoder) in want.items():
+        got_encoder, got_decoder = head_weights(model, 1, kind)
+        np.testing.assert_allclose(got_encoder, encoder, atol=0.01 * np.abs(encoder).max())  # 8 bits: 1/255 steps
+        np.testing.assert_allclose(got_decoder, decoder, atol=0.01 * np.abs(decoder).max())
