@@ -2,8 +2,9 @@
 
     python examples/concept_synapses.py --checkpoint checkpoints_mlx/small-pydoc/best.npz --out /tmp/bdh_synapses
 
-Prints the top synapses with their held-out selectivity (AUC: 1 = always stronger on the concept) and the
-bytes that make them grow; plots the best one along a held-out concept text.
+Prints the top synapses with their held-out selectivity (AUC: 1 = always stronger on the concept, with its 95%
+bootstrap interval: 3 against 3 held-out sentences here, far too few, and it says so) and the bytes that make them
+grow; plots the best one along a held-out concept text. examples/looking_inside.py does this on 40 against 40.
 """
 
 import argparse
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import bdh_mlx
 from bdh_mlx.interpret import concept_synapses, synapse_series
+from bdh_mlx.interpret.cmd_synapses import describe_concept_synapse
 from bdh_mlx.interpret.plots import plot_synapse_series, save_png
 
 CONCEPT = ["The price is 20 dollars or 18 euros.", "She paid in yen, then changed the rest to pounds.",
@@ -34,9 +36,7 @@ def main():
     model = bdh_mlx.load(args.checkpoint)
     found = concept_synapses(model, CONCEPT[:5], OTHER[:5], CONCEPT[5:], OTHER[5:], top=args.top, progress=False)
     for s in found:
-        print(f"layer {s['layer']} head {s['head']} y{s['i']} -> x{s['j']}: score {s['score']:.2f}, "
-              f"gain {s['gain']:.4f}/byte, held-out selectivity {s['selectivity']:.2f} ({s['held_out_concept']:.4f} vs "
-              f"{s['held_out_other']:.4f}); grows at {s['contexts'][:2]}")
+        print(describe_concept_synapse(s))
     text = CONCEPT[5] + " " + OTHER[5]
     series = synapse_series(model, text, [tuple(s[k] for k in ("layer", "head", "i", "j")) for s in found[:3]],
                             progress=False)

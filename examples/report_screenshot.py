@@ -6,23 +6,10 @@ Needs the Debian package ``chromium`` (apt-get install chromium). Nothing is fet
 """
 
 import argparse
-import os
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-
-def screenshot(html: Path, png: Path, size: str = "1200,1600"):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        raise SystemExit("chromium not found: apt-get install chromium")
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # a preloaded BLAS makes Chromium abort
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                        f"--screenshot={png.resolve()}", f"--window-size={size}", html.resolve().as_uri()],
-                       check=True, capture_output=True, timeout=120, env=env)
+from bdh_mlx.interpret.browser import screenshot
 
 
 def main():

@@ -1,6 +1,7 @@
 """What the analyses share: streaming a text through the recurrent state, checking neuron addresses, snippets."""
 
 import argparse
+import importlib.util
 
 import mlx.core as mx
 import numpy as np
@@ -14,8 +15,20 @@ KINDS = ("x", "y")
 CHUNK_SIZE = 256
 
 
+EXTRAS = 'pip install "bdh-mlx[interpret]"'
+DEFAULT_MAX_BYTES = 50_000  # of the built-in corpus, when no text is given
+
+
 class InterpretError(BDHError):
     """A neuron address, text or option an analysis cannot use."""
+
+
+def require(*modules: str):
+    """Raise InterpretError naming the install command unless every one of ``modules`` can be imported."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InterpretError(f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                             f"installed: {EXTRAS}")
 
 
 def as_bytes(text) -> np.ndarray:
@@ -81,22 +94,32 @@ def render_snippet(window: np.ndarray, mark: str = "[]") -> str:
 # --- What the commands share ----------------------------------------------------
 
 
-def add_text_arguments(parser, required: bool = True):
-    """``--text`` or ``--file``: the text to read."""
-    group = parser.add_mutually_exclusive_group(required=required)
+def add_text_arguments(parser, default_max_bytes: int | None = DEFAULT_MAX_BYTES):
+    """``--text`` or ``--file`` (default: the built-in corpus, as for ``train``), and ``--max-bytes``."""
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("--text", help="the text to read")
     group.add_argument("--file", metavar="PATH", help="a file whose bytes to read")
+    limit = f"; default: all of --text/--file, {default_max_bytes:,} of the corpus" if default_max_bytes else ""
+    parser.add_argument("--max-bytes", type=positive_int, metavar="N",
+                        help=f"read only the first N bytes (default text: the built-in pydoc_data corpus{limit})")
 
 
-def read_text(args) -> np.ndarray:
-    """The bytes of ``--text`` or ``--file``; an empty text is an InterpretError."""
+def read_text(args, default_max_bytes: int | None = DEFAULT_MAX_BYTES) -> tuple:
+    """``(bytes, source)`` of ``--text``, ``--file`` or else the built-in corpus, cut to ``--max-bytes``
+    (for the corpus, ``default_max_bytes`` unless given); an empty text is an InterpretError."""
+    limit = args.max_bytes
     if args.text is not None:
-        return as_bytes(args.text)
-    with open(args.file, "rb") as f:
-        data = f.read()
-    if not data:
-        raise InterpretError(f"{args.file}: the file is empty")
-    return as_bytes(data)
+        data, source = args.text.encode("utf-8"), "--text"
+    elif args.file is not None:
+        with open(args.file, "rb") as f:
+            data, source = f.read(), args.file
+        if not data:
+            raise InterpretError(f"{args.file}: the file is empty")
+    else:
+        from bdh_mlx.training.data import default_corpus_bytes
+
+        data, source, limit = default_corpus_bytes(), "the built-in corpus (pydoc_data)", limit or default_max_bytes
+    return as_bytes(data[:limit] if limit else data), source
 
 
 def synapse_address(text: str) -> tuple:
