@@ -2,7 +2,7 @@
 
     python examples/looking_inside.py            # writes docs/images/*.png, report.html and looking-inside.json
 
-Uses examples/models/concepts-small.npz (the `small` preset trained on examples/concept_corpus.py's corpus), its
+Uses examples/models/concepts-small.npz (8-bit; the `small` preset trained on examples/concept_corpus.py's corpus), its
 metrics.jsonl and held_out.json. Makes: the fraction of x and y non-zero per layer against training steps; G_x's
 degrees and modularity beside the model at initialization and a degree-preserving shuffle; the currency synapses
 with their held-out selectivity (AUC, 95% bootstrap interval); the HTML report of held-out text and, where Chromium
@@ -17,12 +17,13 @@ from pathlib import Path
 import concept_corpus  # beside this script
 import numpy as np
 
-import bdh_mlx
+import bdh_mlx  # noqa: F401  (first: the fast BLAS before mlx.core)
 from bdh_mlx.interpret import concept_synapses, graph_summary, synapse_series, write_report
 from bdh_mlx.interpret.browser import chromium, screenshot
 from bdh_mlx.interpret.graphs import initial_model
 from bdh_mlx.interpret.plots import plot_degrees, plot_sparsity_over_training, plot_synapse_series, save_png
 from bdh_mlx.interpret.synapses import held_out_scores
+from bdh_mlx.storage.checkpoint import load_float
 from bdh_mlx.training.evaluate import activation_sparsity
 
 HERE = Path(__file__).resolve().parent
@@ -95,7 +96,7 @@ def main():
     parser.add_argument("--top", type=int, default=5, help="currency synapses to report")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = bdh_mlx.load(args.checkpoint)
+    model = load_float(args.checkpoint)  # the committed model is 8-bit: its weights dequantized
     held_out = json.loads(args.held_out.read_text())
     corpus = concept_corpus.make_corpus()[0].encode()  # the training text: its last 10% is the validation split
     results = {"checkpoint": args.checkpoint.name, "sparsity": sparsity_curve(model, corpus, args.metrics, args.out),
