@@ -127,6 +127,7 @@ TRAIN_CASES = COMMON_CASES + [
     ([], "--n-head", "4", lambda c: c.model.config.n_head, 4),
     ([], "--mlp-multiplier", "4", lambda c: c.model.config.mlp_internal_dim_multiplier, 4),
     ([], "--init-from", "{f}/other.npz", lambda c: first_bytes(c.model.encoder), "other.npz"),
+    ([], "--model", "{f}/other.npz", lambda c: first_bytes(c.model.encoder), "other.npz"),  # mlx-lm's name
     ([], "--data", "{f}/other.txt", lambda c: first_bytes(c.train_set.data), b"D" * 8),
     ([], "--val-data", "{f}/val.txt", lambda c: first_bytes(c.val_set), b"V" * 8),
     (["--text-field", "text"], "--dataset", "{f}/ds", lambda c: first_bytes(c.train_set.data), b"t" * 8),
@@ -141,6 +142,7 @@ TRAIN_CASES = COMMON_CASES + [
 FINETUNE_CASES = COMMON_CASES + [
     (["--val-fraction", "0.9"], "--eval-batches", "3", lambda c: len(c.val_set), 3),
     ([], "--init-from", "{f}/other.npz", lambda c: first_bytes(c.model.encoder), "other.npz"),
+    ([], "--model", "{f}/other.npz", lambda c: first_bytes(c.model.encoder), "other.npz"),
     ([], "--data", "{f}/more.jsonl", lambda c: c.source.split(" for validation")[0], "18 alpaca examples from "
      "{f}/more.jsonl in 18 blocks, 2"),
     ([], "--val-data", "{f}/val.jsonl", lambda c: b"VALA" in np.asarray(c.val_set).tobytes(), True),
@@ -157,7 +159,7 @@ def command_call(command, argv, files, calls):
     argv = [a.replace("{f}", str(files)) for a in argv]
     if command == "train":
         given = {a.split("=")[0] for a in argv}
-        preset = [] if {"--preset", "--init-from"} & given else ["--preset", "tiny"]
+        preset = [] if {"--preset", "--init-from", "--model"} & given else ["--preset", "tiny"]
         data = [] if "--dataset" in given else ["--data", str(files / "corpus.txt")]
         code = train.main([*preset, *data, *SHAPE, *argv])
     else:

@@ -53,7 +53,8 @@ def add_model_arguments(parser):
     model.add_argument("--attention", choices=ATTENTION_FORMS, help="auto: parallel for short blocks, chunked beyond "
                        "4 chunks (default: auto)")
     model.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of the chunked form (default: 256)")
-    model.add_argument("--init-from", metavar="CKPT", help="start from the weights (and config) of a checkpoint")
+    model.add_argument("--init-from", "--model", dest="init_from", metavar="CKPT",
+                       help="start from the weights (and config) of a checkpoint, mlx-lm folder or Hub repo id")
 
 
 def add_optimizer_arguments(parser):
