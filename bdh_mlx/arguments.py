@@ -14,11 +14,14 @@ from bdh_mlx.storage.files import COMPUTE_DTYPES
 DEFAULT_BLOCK_SIZE, DEFAULT_BATCH_SIZE = 512, 32  # the official recipe
 SEED_MAX = 2**62  # mx.random.seed takes an unsigned 64-bit integer; leave room for seed + 1
 # Optional packages (imported where they are needed) and the pip install that brings each one.
+# The interpret commands check theirs up front (``bdh_mlx.interpret.common.require``), naming INTERPRET.
+INTERPRET = 'pip install "bdh-mlx[interpret]"'
 EXTRAS = {
-    "matplotlib": "pip install 'bdh-mlx[plot]'",
-    "scipy": "pip install 'bdh-mlx[interpret]'",
-    "networkx": "pip install 'bdh-mlx[interpret]'",
-    "torch": "pip install 'bdh-mlx[torch]'",
+    "matplotlib": 'pip install "bdh-mlx[plot]"',
+    "scipy": INTERPRET,
+    "networkx": INTERPRET,
+    "powerlaw": INTERPRET,
+    "torch": 'pip install "bdh-mlx[torch]"',
     "wandb": "pip install wandb",
     "yaml": "pip install pyyaml",
 }
@@ -112,10 +115,17 @@ def describe_os_error(error: OSError) -> str:
     return f"{where}{error.strerror or error}"
 
 
+def describe_missing(names, pip: str | None = None) -> str:
+    """One line for packages that are not installed and the ``pip install`` that brings them (default: the
+    first one's in EXTRAS)."""
+    names = list(names)
+    pip = pip or EXTRAS.get(names[0], f"pip install {names[0]}")
+    return f"this needs {', '.join(names)}, which {'is' if len(names) == 1 else 'are'} not installed: {pip}"
+
+
 def describe_missing_module(error: ModuleNotFoundError) -> str:
     """One line for a package that is not installed: which ``pip install`` brings it."""
-    name = (error.name or "").split(".")[0] or "a package"
-    return f"this needs {name}, which is not installed: {EXTRAS.get(name, f'pip install {name}')}"
+    return describe_missing([(error.name or "").split(".")[0] or "a package"])
 
 
 def run_command(prog: str, parse, run, argv=None) -> int:

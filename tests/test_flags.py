@@ -30,15 +30,16 @@ from bdh_mlx.inference.sample_utils import make_logits_processors as make_proces
 from bdh_mlx.inference.template import ALPACA_TEMPLATE, format_prompt, history_text
 from bdh_mlx.interpret import (
     Atlas,
+    Moments,
     activation_stats,
     build_atlas,
+    changing_synapses,
     concept_synapses,
     graph_summary,
-    strongest_synapses,
     synapse_series,
-    synapse_state,
     write_report,
 )
+from bdh_mlx.interpret.graphs import initial_model
 from bdh_mlx.modeling.cache import BDHCache
 from bdh_mlx.storage.checkpoint import read_checkpoint
 from bdh_mlx.storage.convert import mlx_to_torch, torch_to_mlx
@@ -53,6 +54,7 @@ TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropo
 COMMANDS = ("generate", "chat", "eval", "quantize", "merge", "inspect", "neurons", "synapses", "graphs", "upload",
             "convert")
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
+SYNAPSE_TEXT = "hello there, hello. " * 10  # long enough for synapses that grew at 3 bytes to be ranked
 
 
 # --- The files the commands read, made once --------------------------------------------------------------
@@ -283,17 +285,22 @@ def text_bytes(text=TEXT):
     return np.frombuffer(text.encode(), np.uint8)
 
 
-def report(files, text="hello there", checkpoint="ckpt", **options) -> str:
-    """The HTML ``bdh-mlx inspect --out`` writes."""
+def report(files, text="hello there", checkpoint="ckpt", max_text_bytes=None, chunk_size=256, **options) -> str:
+    """The HTML ``bdh-mlx inspect --out`` writes: the statistics' moments give the z-scores, G_x is kept at 16
+    edges per neuron beside the baselines of the same configuration at initialization (seed 0)."""
     path, model = files.folder / "report.html", load(files[checkpoint])
-    options = dict(graph_top_k=16, max_bytes=2000, title=f"BDH: looking inside {files[checkpoint]}") | options
-    stats = activation_stats(model, text_bytes(text), progress=False)
-    write_report(path, model, text_bytes(text), progress=False, stats=stats, **options)
+    data = text_bytes(text)[:max_text_bytes]
+    options = dict(graph_edges=16, init_model=initial_model(model.config), max_bytes=2000,
+                   title=f"BDH: looking inside {files[checkpoint]}") | options
+    moments = Moments(model.config)
+    stats = activation_stats(model, data, chunk_size, progress=False, moments=moments)
+    write_report(path, model, data, stats=stats, moments=moments, chunk_size=chunk_size, progress=False, **options)
     return path.read_text()
 
 
-def stats_json(files, text="hello there"):
-    return json.dumps(activation_stats(load(files["ckpt"]), text_bytes(text), progress=False), indent=1)
+def stats_json(files, text="hello there", max_text_bytes=None):
+    return json.dumps(activation_stats(load(files["ckpt"]), text_bytes(text)[:max_text_bytes], progress=False),
+                      indent=1)
 
 
 def atlas_contents(atlas):
@@ -313,10 +320,12 @@ def atlas_expected(files, checkpoint="ckpt", data="corpus", top_k=10, context=24
                                       source=files[data]))
 
 
-def tracked(files, text="hello there, hello", synapses=None, top=5, checkpoint="ckpt"):
+def tracked(files, text=SYNAPSE_TEXT, synapses=None, top=5, min_steps=None, max_text_bytes=None, checkpoint="ckpt"):
+    """``bdh-mlx synapses``' tracked synapses and their final strengths: ``--track``, or else the ``top`` whose
+    growth varies most (``changing_synapses``)."""
     model = load(files[checkpoint])
-    data = text_bytes(text)
-    synapses = synapses or [s[:4] for s in strongest_synapses(synapse_state(model, data, progress=False), top)]
+    data = text_bytes(text)[:max_text_bytes]
+    synapses = synapses or [s[:4] for s in changing_synapses(model, data, top, min_steps, progress=False)]
     series = synapse_series(model, data, synapses, progress=False)
     return [[*s, round(float(v[-1]), 6)] for s, v in zip(synapses, series, strict=True)]
 
@@ -348,9 +357,22 @@ def concept_printed(result):
     return [tuple(map(int, f)) for f in re.findall(r"layer (\d+) head (\d+) y(\d+) -> x(\d+): score", result.out)]
 
 
-def graphs(files, kind="x", top_k=16, threshold=None, heads=None, checkpoint="ckpt"):
-    summaries = graph_summary(load(files[checkpoint]), kind, top_k, threshold, heads)
-    return json.dumps([{**s, "degrees": s["degrees"].tolist()} for s in summaries], indent=1)
+def plain(value):
+    """Summaries as JSON can hold them: arrays (the degrees) as lists, also in the baselines' nested dicts."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def graphs(files, kind="x", top_k=None, threshold=None, edges=None, heads=None, baselines=True, seed=0,
+           checkpoint="ckpt"):
+    """``bdh-mlx graphs --json``: ``edges`` per neuron (the library's default: 16 N entries per head), the
+    baselines (the configuration at initialization with ``seed``, the shuffle) unless ``baselines`` is False."""
+    model = load(files[checkpoint])
+    init = initial_model(model.config, seed) if baselines else None
+    edges = edges * model.config.n_neurons if edges else None
+    summaries = graph_summary(model, kind, top_k, threshold, edges, heads, init, seed)
+    return json.dumps([plain(s) for s in summaries], indent=1)
 
 
 def upload_card(files, run=None, license="mit", datasets=(), repo="org/name", checkpoint="ckpt"):
@@ -415,8 +437,9 @@ BASE = {
     "merge": ["merge", "{ckpt}", "{ckpt2}"],
     "inspect": ["inspect", "--checkpoint", "{ckpt}", "--text", "hello there", "--out", "{out}/r.html"],
     "inspect-file": ["inspect", "--checkpoint", "{ckpt}", "--file", "{corpus}", "--out", "{out}/r.html"],
+    "inspect-json": ["inspect", "--checkpoint", "{ckpt}", "--text", "hello there", "--json", "{out}/s.json"],
     "neurons": ["neurons", "--checkpoint", "{ckpt}", "--data", "{corpus}", "--out", "{out}/atlas"],
-    "synapses": ["synapses", "--checkpoint", "{ckpt}", "--text", "hello there, hello"],
+    "synapses": ["synapses", "--checkpoint", "{ckpt}", "--text", SYNAPSE_TEXT],
     "synapses-file": ["synapses", "--checkpoint", "{ckpt}", "--file", "{corpus}"],
     "concept": ["synapses", "--checkpoint", "{ckpt}", "--concept", "{other}", "--other", "{concept}"],
     "graphs": ["graphs", "--checkpoint", "{ckpt}", "--json", "{out}/g.json"],
@@ -445,11 +468,12 @@ class Row:
 
 
 PREFILL = Spy("bdh_mlx.inference.generate", "prefill", "chunk_size")
-STATS_CHUNK = Spy("bdh_mlx.interpret.cmd_inspect", "activation_stats", "chunk_size")
+# inspect and synapses import these from the library when they run: spied where they are defined
+STATS_CHUNK = Spy("bdh_mlx.interpret.stats", "activation_stats", "chunk_size")
 ATLAS_CHUNK = Spy("bdh_mlx.interpret.cmd_neurons", "build_atlas", "chunk_size")
-SERIES_CHUNK = Spy("bdh_mlx.interpret.cmd_synapses", "synapse_series", "chunk_size")
+SERIES_CHUNK = Spy("bdh_mlx.interpret.synapses", "synapse_series", "chunk_size")
 DTYPE = Spy("bdh_mlx.model:BDH", "__init__", "compute_dtype")
-PROGRESS = Spy("bdh_mlx.interpret.cmd_synapses", "synapse_series", "progress")
+PROGRESS = Spy("bdh_mlx.interpret.synapses", "synapse_series", "progress")
 
 
 def saved_cache(result):
@@ -567,8 +591,11 @@ ROWS = [
     Row("inspect", "json", "{out}/s.json", file_text("s.json"), stats_json),
     Row("inspect", "atlas", "{atlas}", file_text("r.html"), lambda f: report(f, atlas=Atlas.load(f["atlas"]))),
     Row("inspect", "synapse", "1:0:2:3", file_text("r.html"), lambda f: report(f, synapses=[(1, 0, 2, 3)])),
-    Row("inspect", "graph_top_k", "4", file_text("r.html"), lambda f: report(f, graph_top_k=4)),
+    Row("inspect", "graph_edges", "4", file_text("r.html"), lambda f: report(f, graph_edges=4)),
+    Row("inspect", "graph_edges", "0", file_text("r.html"), lambda f: report(f, graph_edges=None)),  # no graphs
     Row("inspect", "max_report_bytes", "5", file_text("r.html"), lambda f: report(f, max_bytes=5)),
+    Row("inspect", "max_bytes", "5", file_text("r.html"), lambda f: report(f, max_text_bytes=5)),
+    Row("inspect-json", "max_bytes", "5", file_text("s.json"), lambda f: stats_json(f, max_text_bytes=5)),
     Row("inspect", "chunk_size", "3", spied, lambda f: [3], spy=STATS_CHUNK),
     Row("inspect", "no_progress", None, lambda r: ok(r) and r.err, lambda f: ""),
     # neurons
@@ -587,6 +614,8 @@ ROWS = [
         lambda f: rounded(tracked(f, Path(f["val"]).read_text()))),
     Row("synapses", "track", "1:0:5:7", tracked_printed, lambda f: rounded(tracked(f, synapses=[(1, 0, 5, 7)]))),
     Row("synapses", "top", "2", tracked_printed, lambda f: rounded(tracked(f, top=2))),
+    Row("synapses", "min_steps", "1", tracked_printed, lambda f: rounded(tracked(f, min_steps=1))),
+    Row("synapses", "max_bytes", "60", tracked_printed, lambda f: rounded(tracked(f, max_text_bytes=60))),
     Row("synapses", "json", "{out}/s.json", synapses_json, tracked),
     Row("synapses", "plot", "{out}/s.png", png("s.png"), lambda f: PNG),
     Row("synapses", "chunk_size", "5", spied, lambda f: [5], spy=SERIES_CHUNK),
@@ -596,9 +625,12 @@ ROWS = [
     # graphs
     Row("graphs", "checkpoint", "{ckpt2}", file_text("g.json"), lambda f: graphs(f, checkpoint="ckpt2")),
     Row("graphs", "kind", "y", file_text("g.json"), lambda f: graphs(f, kind="y")),
+    Row("graphs", "edges", "4", file_text("g.json"), lambda f: graphs(f, edges=4)),
     Row("graphs", "top_k", "4", file_text("g.json"), lambda f: graphs(f, top_k=4)),
-    Row("graphs", "threshold", "0.05", file_text("g.json"), lambda f: graphs(f, top_k=None, threshold=0.05)),
+    Row("graphs", "threshold", "0.05", file_text("g.json"), lambda f: graphs(f, threshold=0.05)),
     Row("graphs", "head", "1", file_text("g.json"), lambda f: graphs(f, heads=[1])),
+    Row("graphs", "no_baselines", None, file_text("g.json"), lambda f: graphs(f, baselines=False)),
+    Row("graphs", "seed", "3", file_text("g.json"), lambda f: graphs(f, seed=3)),
     Row("graphs", "json", "{out}/h.json", file_text("h.json"), graphs),
     Row("graphs", "plot", "{out}/d.png", png("d.png"), lambda f: PNG),
     # upload

@@ -433,13 +433,13 @@ def test_a_missing_extra_is_one_line_naming_the_install(ckpt, capsys, monkeypatc
     name, *rest = command.split()
     text = [] if name == "graphs" else ["--text", "a"]
     code, out = run_cli([name, "--checkpoint", ckpt, *text, *rest], capsys)
-    assert (code, out.err) == (2, f'bdh-mlx {name}: error: needs matplotlib, which is not installed: '
+    assert (code, out.err) == (2, f'bdh-mlx {name}: error: this needs matplotlib, which is not installed: '
                                   'pip install "bdh-mlx[interpret]"\n')
 
 
 def test_graphs_read_a_quantized_checkpoint_through_its_dequantized_weights():
+    from bdh_mlx import quantize
     from bdh_mlx.interpret.graphs import head_weights
-    from bdh_mlx.modeling.quantized import quantize
 
     model = tiny_model(2)
     N = model.config.n_neurons

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from bdh_mlx.arguments import add_checkpoint_argument, positive_int
+from bdh_mlx.arguments import INTERPRET, add_checkpoint_argument, describe_missing, positive_int
 from bdh_mlx.errors import BDHError
 from bdh_mlx.storage.files import eval_mode
 
@@ -15,7 +15,7 @@ KINDS = ("x", "y")
 CHUNK_SIZE = 256
 
 
-EXTRAS = 'pip install "bdh-mlx[interpret]"'
+EXTRAS = INTERPRET  # pip install "bdh-mlx[interpret]": matplotlib, scipy, networkx, powerlaw
 DEFAULT_MAX_BYTES = 50_000  # of the built-in corpus, when no text is given
 
 
@@ -24,11 +24,11 @@ class InterpretError(BDHError):
 
 
 def require(*modules: str):
-    """Raise InterpretError naming the install command unless every one of ``modules`` can be imported."""
+    """Raise InterpretError naming the install command unless every one of ``modules`` can be imported (the
+    same line as a ModuleNotFoundError gives in ``run_command``, naming the interpret extra)."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise InterpretError(f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-                             f"installed: {EXTRAS}")
+        raise InterpretError(describe_missing(missing, EXTRAS))
 
 
 def as_bytes(text) -> np.ndarray:
