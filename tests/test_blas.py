@@ -26,6 +26,12 @@ MATMUL = ("import numpy as np, mlx.core as mx\n"
           "error = np.abs(np.array(mx.array(a) @ mx.array(a.T)) - a.astype(np.float64) @ a.T.astype(np.float64))\n"
           "print('max error', error.max())\n")
 WARNING_TAIL = f"; set {blas.OPT_OUT}=0 to silence this"
+WITHOUT_FAISS = ("from importlib import metadata\n"
+                 "def distribution(name, real=metadata.distribution):\n"
+                 "    if name == 'faiss-cpu':\n"
+                 "        raise metadata.PackageNotFoundError(name)\n"
+                 "    return real(name)\n"
+                 "metadata.distribution = distribution\n")  # faiss-cpu looks uninstalled
 
 
 def run_python(code, bindings=False, **env):
@@ -96,13 +102,8 @@ def test_mlx_imported_first_warns_once_and_still_works():
 
 @linux_with_wheel
 def test_missing_wheel_warns_and_import_still_works():
-    code = ("from importlib import metadata\n"
-            "def distribution(name, real=metadata.distribution):\n"
-            "    if name == 'faiss-cpu':\n"
-            "        raise metadata.PackageNotFoundError(name)\n"
-            "    return real(name)\n"
-            "metadata.distribution = distribution\n"
-            "import bdh_mlx\n" + MATMUL)
+    code = (WITHOUT_FAISS
+            + "import bdh_mlx\n" + MATMUL)
     stdout, stderr, _ = run_python(code)
     assert ("bdh_mlx: faiss-cpu is not installed, so MLX keeps its slow reference BLAS: pip install 'bdh-mlx[cpu]'"
             + WARNING_TAIL) in stderr
@@ -172,13 +173,8 @@ def test_the_pth_hook_loads_the_openblas_before_mlx_imported_first(tmp_path, opt
 def test_the_pth_hook_is_silent_without_the_cpu_extra(tmp_path):
     """Without faiss-cpu, any process that imports MLX stays as it was: no warning, MLX's own BLAS."""
     shutil.copy(PTH, tmp_path)
-    code = ("from importlib import metadata\n"
-            "def distribution(name, real=metadata.distribution):\n"
-            "    if name == 'faiss-cpu':\n"
-            "        raise metadata.PackageNotFoundError(name)\n"
-            "    return real(name)\n"
-            "metadata.distribution = distribution\n"
-            f"import site\nsite.addsitedir({str(tmp_path)!r})\n" + MATMUL)
+    code = (WITHOUT_FAISS
+            + f"import site\nsite.addsitedir({str(tmp_path)!r})\n" + MATMUL)
     stdout, stderr, bound = run_python(code, bindings=True)
     assert bound is None or "openblas" not in bound
     assert "bdh_mlx" not in stderr

@@ -134,17 +134,23 @@ def tokenizer_config(config) -> dict:
     return settings
 
 
+def read_json(path: Path, max_bytes: int, too_large: str):
+    """The JSON in ``path``, refused in one line when the file holds more than ``max_bytes`` or is not JSON."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{path}: {size:,} bytes, {too_large}")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+
+
 def check_tokenizer(folder: Path, config):
     """Raise CheckpointError unless the folder's ``tokenizer.json`` (if any) maps each byte to its value."""
     path = folder / TOKENIZER_FILE
     if not path.exists():
         return
-    if path.stat().st_size > TOKENIZER_MAX_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large for a byte-level tokenizer")
-    try:
-        stored = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+    stored = read_json(path, TOKENIZER_MAX_BYTES, "too large for a byte-level tokenizer")
     want = tokenizer_json(None if config.prompt_template is None else config.prompt_template["end"])
     model = stored.get("model") if isinstance(stored, dict) else None
     if not isinstance(model, dict) or model.get("vocab") != want["model"]["vocab"] or model.get("merges"):
@@ -282,12 +288,7 @@ def read_export_config(folder: Path, overrides: dict):
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: a folder with neither model.npz nor {CONFIG_FILE}: not a bdh-mlx model")
-    if path.stat().st_size > CONFIG_MAX_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, more than a model config holds")
-    try:
-        stored = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+    stored = read_json(path, CONFIG_MAX_BYTES, "more than a model config holds")
     if not isinstance(stored, dict) or not isinstance(stored.get(BDH_KEY), dict):
         kind = f" (model_type {stored['model_type']!r})" if isinstance(stored, dict) and "model_type" in stored else ""
         raise CheckpointError(f"{folder}: not a bdh-mlx model folder{kind}: its {CONFIG_FILE} has no "
