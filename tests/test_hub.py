@@ -323,6 +323,32 @@ def test_train_init_from_a_repo_id(hub, hub_env, tmp_path, corpus_file):
     assert checkpoint.read_checkpoint(out / "last.npz")[0].n_embd == 48
 
 
+
+def test_a_quantized_model_through_its_repo_id(hub, hub_env, tmp_path, corpus_file, capsys):
+    """A 4-bit checkpoint uploaded (the mlx-lm folder), then read by repo id: every command answers as for the local
+    file; training from it is refused before anything is written."""
+    hub_env(HF_TOKEN=hub.token)
+    local = tmp_path / "q4.npz"
+    tiny_checkpoint(tmp_path / "f.npz", 3)
+    assert cli.main(["quantize", "--model", str(tmp_path / "f.npz"), "--bits", "4", "--out", str(local)]) == 0
+    assert cli.main(["upload", "--model", str(local), "--repo", "org/q4"]) == 0
+    capsys.readouterr()
+    commands = {
+        "generate": ["generate", "--prompt", "ab", "--max-tokens", "12"],
+        "eval": ["eval", "--data", str(corpus_file), "--block-size", "16", "--batch-size", "2", "--eval-batches", "2"],
+        "inspect": ["inspect", "--text", "hello hub"],
+    }
+    for name, argv in commands.items():
+        assert cli.main([*argv, "--model", "org/q4"]) == 0, name
+        from_hub = capsys.readouterr().out.replace("org/q4", "CKPT")
+        assert cli.main([*argv, "--model", str(local)]) == 0, name
+        assert from_hub == capsys.readouterr().out.replace(str(local), "CKPT"), name
+    out = tmp_path / "run"
+    assert train.main(["--init-from", "org/q4", "--data", str(corpus_file), "--out", str(out), *TINY_RUN[2:]]) == 2
+    assert "holds a quantized model (4-bit weights, for generating only)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # --- Upload ------------------------------------------------------------------------------------------
 
 
